@@ -1,0 +1,43 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+# Each sets up .venv (torch CPU wheel first, then the project and its extras)
+# and the Debian packages the tests need, then runs.
+PY      := .venv/bin/python
+STAMP   := .venv/.framekv-installed
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP) /usr/bin/ffmpeg
+
+/usr/bin/ffmpeg:
+	@command -v ffmpeg >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq ffmpeg; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq ffmpeg; fi; }
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m jobs.demo
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m 'not slow'
+
+bench: setup
+	$(PY) -m bench.decode
+	$(PY) -m bench.cache
+	$(PY) -m bench.query
+	$(PY) -m bench.ingest
+	$(PY) -m bench.needle
+
+clean:
+	rm -rf demo-index demo-archive bench/scratch

@@ -1,0 +1,123 @@
+"""Configuration shared by ingest and question time.
+
+Everything that changes what is stored in the cache goes into `fingerprint`, so a
+change of model, dtype, schedule, sampling or window re-indexes instead of mixing
+incompatible objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+KEEP_POLICIES = ("suffix", "uniform", "keynorm")
+
+
+def lp_schedule(num_layers: int, n0: int) -> list[int]:
+    """LP-Comp tokens per frame seen by each layer (DESIGN.md 1.2).
+
+    n(l) = 1 + floor((n0 - 1) / 2 * (1 + cos((l + 1) * pi / L)) + 0.5), with layer 0
+    clamped to n0 so the first layer always sees every token.
+    """
+    if num_layers < 1 or n0 < 1:
+        raise ValueError(f"schedule needs num_layers >= 1 and n0 >= 1, got {num_layers}, {n0}")
+    sched = [
+        1 + math.floor((n0 - 1) / 2 * (1 + math.cos((l + 1) * math.pi / num_layers)) + 0.5)
+        for l in range(num_layers)
+    ]
+    sched[0] = n0
+    return sched
+
+
+def default_score_layers(num_layers: int) -> tuple[int, ...]:
+    """Layers from ~21% to ~82% of depth (6..23 of 28, as the QC-Comp paper)."""
+    lo = round(0.21 * num_layers)
+    hi = min(num_layers - 1, round(0.82 * num_layers))
+    return tuple(range(lo, max(lo, hi) + 1))
+
+
+def default_fast_layers(score_layers: tuple[int, ...], count: int = 3) -> tuple[int, ...]:
+    """An evenly spread subset of the scoring layers whose keys `fast` scoring reads."""
+    if len(score_layers) <= count:
+        return tuple(score_layers)
+    idx = [round(i * (len(score_layers) - 1) / (count - 1)) for i in range(count)]
+    return tuple(score_layers[i] for i in idx)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """LP-Comp: which tokens of each frame survive into each layer."""
+
+    enabled: bool = True
+    policy: str = "suffix"  # suffix (paper) | uniform | keynorm (QuickPrefill) - ablations
+
+    def __post_init__(self) -> None:
+        if self.policy not in KEEP_POLICIES:
+            raise ValueError(f"unknown keep policy {self.policy!r}; choose one of {KEEP_POLICIES}")
+
+    def tokens_per_layer(self, num_layers: int, n0: int) -> list[int]:
+        return lp_schedule(num_layers, n0) if self.enabled else [n0] * num_layers
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which timestamps of a video become model frames."""
+
+    fps: float = 1.0
+    max_frames: int | None = None
+    strategy: str = "middle"  # middle of each 1/fps interval (VideoChat-Flash) | uniform
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.strategy not in ("middle", "uniform"):
+            raise ValueError(f"unknown sampling strategy {self.strategy!r}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """What an index stores: sampling, windowing, compression, scoring keys, quantisation."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    window: int = 64
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    score_layers: tuple[int, ...] | None = None  # None: default_score_layers(L)
+    fast_layers: tuple[int, ...] | None = None  # None: default_fast_layers(score_layers)
+    quant: str = "none"  # none | int8
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 frame, got {self.window}")
+        if self.quant not in ("none", "int8"):
+            raise ValueError(f"unknown quantisation {self.quant!r}; choose none or int8")
+
+    def resolved_score_layers(self, num_layers: int) -> tuple[int, ...]:
+        layers = self.score_layers or default_score_layers(num_layers)
+        if any(not 0 <= l < num_layers for l in layers):
+            raise ValueError(f"score layers {layers} outside 0..{num_layers - 1}")
+        return tuple(layers)
+
+    def resolved_fast_layers(self, num_layers: int) -> tuple[int, ...]:
+        return self.fast_layers or default_fast_layers(self.resolved_score_layers(num_layers))
+
+
+def fingerprint(model_id: str, revision: str, dtype: str, num_layers: int, n0: int, cfg: IndexConfig) -> str:
+    """Short hash keying the cache: any change here means objects are not interchangeable."""
+    ident = {
+        "model_id": model_id,
+        "revision": revision,
+        "dtype": dtype,
+        "schedule": cfg.compression.tokens_per_layer(num_layers, n0),
+        "policy": cfg.compression.policy,
+        "sampling": asdict(cfg.sampling),
+        "window": cfg.window,
+        "fast_layers": list(cfg.resolved_fast_layers(num_layers)),
+        "quant": cfg.quant,
+        "format_version": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
