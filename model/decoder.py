@@ -1,0 +1,238 @@
+"""Qwen2 decoder layers run step by step, with positions chosen per layer.
+
+LP-Comp renumbers positions after every drop, so each layer has its own position
+ids and its own sequence length; the stock `Qwen2Model.forward` cannot do that.
+This module runs the HF layer modules' own weights (norms, q/k/v/o projections
+with biases, MLP, rotary embedding) one layer at a time.
+
+Usage:
+
+    dec = backbone.decoder                                   # Qwen2Model-like
+    out = layer_step(dec, l, hidden, positions, valid=valid, past=past_l, prob_rows=rows)
+    out.hidden, out.keys (pre-RoPE), out.keys_rot, out.values, out.probs
+    k_rot = rotate(dec, keys, positions)                     # RoPE cached pre-RoPE keys anywhere
+
+    # or many layers at once, each with its own past (cached frames, decoding):
+    res = extend(dec, embeds, valid=valid, past=caches, prob_rows=rows, prob_layers=(2, 3))
+    logits = backbone.lm_head(dec.norm(res.hidden)); caches = res.past
+
+Masking: token i attends every valid past key and every valid new key j <= i
+(causal by index), so padding may sit anywhere (ragged frames, ragged text); a
+token's rotary position is its layer's past length + the number of valid new
+tokens before it. Shapes: hidden [B, T, D]; keys/values [B, T, kv_heads, head_dim].
+CPU: SDPA in the model dtype (fp32). CUDA with flash-attn installed: varlen kernel
+over the valid tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+
+try:  # optional GPU kernel; the CPU path never needs it
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class LayerKV:
+    """One layer's cache for a batch: rotated keys, values, and which slots are real."""
+
+    keys: Tensor  # [B, S, kv_heads, head_dim], RoPE applied at each token's position
+    values: Tensor  # [B, S, kv_heads, head_dim]
+    valid: Tensor  # [B, S] bool
+
+    @property
+    def length(self) -> Tensor:
+        """Valid tokens per row [B]: the next token's position at this layer."""
+        return self.valid.sum(1)
+
+    def cat(self, other: LayerKV) -> LayerKV:
+        return LayerKV(
+            torch.cat([self.keys, other.keys], 1),
+            torch.cat([self.values, other.values], 1),
+            torch.cat([self.valid, other.valid], 1),
+        )
+
+
+@dataclass
+class LayerOut:
+    hidden: Tensor  # [B, T, D] residual stream after the layer
+    keys: Tensor  # [B, T, kv_heads, head_dim] before RoPE (what the cache stores)
+    keys_rot: Tensor  # [B, T, kv_heads, head_dim] rotated at `positions`
+    values: Tensor  # [B, T, kv_heads, head_dim]
+    probs: Tensor | None  # [B, heads, R, S_past + T] fp32 attention of `prob_rows`, else None
+
+
+@dataclass
+class Extended:
+    hidden: Tensor  # [B, T, D] after the last layer run (final norm NOT applied)
+    past: list[LayerKV]  # per layer run: old past + the new tokens
+    probs: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, heads, R, S_l]
+
+
+def positions_for(valid: Tensor, start: Tensor | int = 0) -> Tensor:
+    """Rotary positions [B, T]: `start` + number of valid tokens before each token."""
+    pos = valid.long().cumsum(1) - 1
+    pos = pos.clamp(min=0)
+    if isinstance(start, Tensor):
+        start = start.to(pos.device)[:, None]
+    return pos + start
+
+
+def rotate(decoder, x: Tensor, positions: Tensor) -> Tensor:
+    """Apply the decoder's RoPE to keys or queries x [B, T, h, hd] at positions [B, T]."""
+    cos, sin = decoder.rotary_emb(x, positions)
+    out, _ = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=2)
+    return out
+
+
+def attention_mask(valid: Tensor, past_valid: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """Bool mask [B, 1, R, S_past + T] for query rows (default all T): valid past keys,
+    plus valid new keys j <= i.
+
+    The diagonal is always open so a padded query row is never empty (its output is
+    ignored, but an all-masked row would put NaNs into the softmax).
+    """
+    b, t = valid.shape
+    j = torch.arange(t, device=valid.device)
+    i = j if rows is None else rows.to(valid.device)
+    i = i.expand(b, -1)[:, :, None]  # [B, R, 1]
+    new = ((j <= i) & valid[:, None, :]) | (j == i)
+    if past_valid is not None:
+        new = torch.cat([past_valid[:, None, :].expand(b, i.shape[1], -1), new], dim=2)
+    return new[:, None]
+
+
+def _use_flash(x: Tensor) -> bool:
+    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, past_valid: Tensor | None, scale: float) -> Tensor:
+    """Varlen flash attention over valid tokens only. q [B,T,H,hd], k/v [B,S,kvh,hd].
+
+    Packing each row's valid keys as [past | new] keeps the mask's meaning: flash's
+    bottom-right causal alignment lets new token i see all past keys and new keys <= i.
+    """
+    kv_valid = valid if past_valid is None else torch.cat([past_valid, valid], 1)
+    q_len, k_len = valid.sum(1, dtype=torch.int32), kv_valid.sum(1, dtype=torch.int32)
+    cu_q = F.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_k = F.pad(k_len.cumsum(0, dtype=torch.int32), (1, 0))
+    out = flash_attn_varlen_func(
+        q[valid], k[kv_valid], v[kv_valid], cu_q, cu_k, int(q_len.max()), int(k_len.max()),
+        softmax_scale=scale, causal=True,
+    )
+    full = q.new_zeros(q.shape)
+    full[valid] = out
+    return full
+
+
+def layer_step(
+    decoder,
+    layer_idx: int,
+    hidden: Tensor,
+    positions: Tensor,
+    valid: Tensor | None = None,
+    past: LayerKV | None = None,
+    prob_rows: Tensor | None = None,
+) -> LayerOut:
+    """Run decoder layer `layer_idx` on hidden [B, T, D] at rotary `positions` [B, T].
+
+    `past` holds keys (already rotated) and values to attend to before the new tokens.
+    `prob_rows` (LongTensor [R] or [B, R], indices into T) also returns those rows'
+    attention probabilities over all keys, computed explicitly (differentiable).
+    """
+    layer = decoder.layers[layer_idx]
+    attn = layer.self_attn
+    b, t, _ = hidden.shape
+    hd = attn.head_dim
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+
+    x = layer.input_layernorm(hidden)
+    q = attn.q_proj(x).view(b, t, -1, hd)
+    k = attn.k_proj(x).view(b, t, -1, hd)
+    v = attn.v_proj(x).view(b, t, -1, hd)
+    cos, sin = decoder.rotary_emb(x, positions)
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+
+    k_all, v_all = (k_rot, v) if past is None else (torch.cat([past.keys, k_rot], 1), torch.cat([past.values, v], 1))
+    past_valid = None if past is None else past.valid
+
+    if _use_flash(q):
+        o = _flash_attention(q_rot, k_all, v_all, valid, past_valid, attn.scaling)
+    else:
+        # SDPA wants heads first; GQA: repeat the kv heads to match the query heads.
+        qh = q_rot.transpose(1, 2)
+        kh = repeat_kv(k_all.transpose(1, 2), attn.num_key_value_groups)
+        vh = repeat_kv(v_all.transpose(1, 2), attn.num_key_value_groups)
+        everything_valid = bool(valid.all()) and (past is None or bool(past.valid.all()))
+        if everything_valid and past is None:  # plain causal: no T x T mask in memory
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=attn.scaling)
+        elif everything_valid and t == 1:  # one decoding step sees every key
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=attn.scaling)
+        else:
+            mask = attention_mask(valid, past_valid)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=attn.scaling)
+        o = o.transpose(1, 2)
+    hidden = hidden + attn.o_proj(o.reshape(b, t, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    probs = None
+    if prob_rows is not None:
+        mask = attention_mask(valid, past_valid, prob_rows)
+        probs = _row_probs(q_rot, k_all, mask, prob_rows, attn.num_key_value_groups, attn.scaling)
+    return LayerOut(hidden, k, k_rot, v, probs)
+
+
+def _row_probs(q: Tensor, k: Tensor, mask: Tensor, rows: Tensor, groups: int, scale: float) -> Tensor:
+    """Explicit fp32 softmax for a few query rows ([R] shared or [B, R]); mask [B, 1, R, S]."""
+    if rows.dim() == 1:
+        q = q[:, rows]
+    else:
+        q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))
+    qh = q.transpose(1, 2).float()  # [B, H, R, hd]
+    kh = repeat_kv(k.transpose(1, 2), groups).float()  # [B, H, S, hd]
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def extend(
+    decoder,
+    hidden: Tensor,
+    valid: Tensor | None = None,
+    past: list[LayerKV] | None = None,
+    layers: range | None = None,
+    prob_rows: Tensor | None = None,
+    prob_layers: tuple[int, ...] = (),
+) -> Extended:
+    """Run new tokens hidden [B, T, D] through `layers` (default all), each layer
+    attending to its own past; positions continue from each layer's past length.
+
+    This is the question/decode side: cached frame KV in `past` (indexed by layer;
+    lengths may differ per layer, as LP-Comp leaves them), then question tokens, then
+    one token at a time. The returned `past` lists the layers run, in order.
+    """
+    layers = range(len(decoder.layers)) if layers is None else layers
+    b, t, _ = hidden.shape
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+    new_past, probs = [], {}
+    for l in layers:
+        p = None if past is None else past[l]
+        start = 0 if p is None else p.length
+        out = layer_step(
+            decoder, l, hidden, positions_for(valid, start), valid, p,
+            prob_rows if l in prob_layers else None,
+        )
+        hidden = out.hidden
+        mine = LayerKV(out.keys_rot, out.values, valid)
+        new_past.append(mine if p is None else p.cat(mine))
+        if out.probs is not None:
+            probs[l] = out.probs
+    return Extended(hidden, new_past, probs)

@@ -1,0 +1,182 @@
+"""LP-Comp: progressive per-frame token compression inside the decoder (DESIGN.md 1.2).
+
+The sequence is [prefix text | F frames x n(l) tokens | suffix text]. Layer l sees
+n(l) tokens of every frame (`CompressionConfig.tokens_per_layer`); after layer l the
+keep policy picks n(l+1) of them (the kept sets nest) and the sequence is renumbered
+0..len-1. Text tokens are never dropped.
+
+Two entry points:
+
+    # ingest: a batch of windows [prefix | its frames], per-frame KV of every layer
+    kvs = prefill_windows(backbone, [embs_w0, embs_w1], comp)   # embs_i: [F_i, n0, D]
+    kvs[0].keys[l]   # [F_0, n(l), kv_heads, head_dim], BEFORE RoPE
+
+    # training / `full` answers / `reencode`: differentiable, batched, with a suffix
+    out = lp_forward(backbone, frames, comp, suffix=question_embs, suffix_valid=mask,
+                     prob_rows=rows, prob_layers=(1, 2))
+    out.logits          # [B, S, vocab] at the suffix positions
+    out.probs[l]        # [B, heads, R, F, n(l)] suffix rows -> frame tokens
+    out.past            # per-layer LayerKV of the whole sequence: keep decoding with
+                        # model.decoder.extend(decoder, next_embs, past=out.past)
+
+Ragged batches: pad frames (frame_valid) and suffix text (suffix_valid); padding is
+masked out, so results do not depend on how windows are batched. No torch.no_grad
+in here: callers decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.config import CompressionConfig
+from model.decoder import LayerKV, layer_step, positions_for
+
+
+@dataclass
+class WindowKV:
+    keys: list[Tensor]  # per layer l: [F, n(l), kv_heads, head_dim], BEFORE RoPE
+    values: list[Tensor]  # per layer l: [F, n(l), kv_heads, head_dim]
+    kept: list[Tensor]  # per layer l: [F, n(l)] indices into the frame's n0 tokens
+
+
+@dataclass
+class LPOutput:
+    hidden: Tensor  # [B, S, D] suffix positions, final norm applied
+    logits: Tensor | None  # [B, S, vocab] if requested
+    past: list[LayerKV]  # per layer: rotated K/V of [prefix | kept frame tokens | suffix]
+    probs: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, H, R, F, n(l)]
+    frame_keys: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l), kvh, hd] pre-RoPE
+    frame_values: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l), kvh, hd]
+    kept: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l)] indices into n0
+
+
+def select_tokens(policy: str, n_next: int, keys: Tensor) -> Tensor:
+    """Which of each frame's current tokens survive: indices [B, F, n_next], ascending.
+
+    keys: this layer's pre-RoPE keys of the frame tokens [B, F, n, kvh, hd] (keynorm
+    keeps the smallest L2 norms, as QuickPrefill). Choosing among the current
+    survivors makes the kept sets nest across layers.
+    """
+    b, f, n = keys.shape[:3]
+    if policy == "suffix":
+        idx = torch.arange(n - n_next, n, device=keys.device)
+    elif policy == "uniform":
+        idx = torch.linspace(0, n - 1, n_next, device=keys.device).round().long()
+    elif policy == "keynorm":
+        norms = keys.float().flatten(3).norm(dim=-1)  # [B, F, n]
+        return norms.topk(n_next, dim=-1, largest=False).indices.sort(-1).values
+    else:
+        raise ValueError(f"unknown keep policy {policy!r}")
+    return idx.expand(b, f, n_next)
+
+
+def _gather_frames(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, F, n, ...] -> [B, F, k, ...] along the token axis."""
+    extra = x.shape[3:]
+    return x.gather(2, idx.reshape(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
+
+
+def lp_forward(
+    backbone,
+    frames: Tensor,
+    comp: CompressionConfig,
+    prefix: Tensor | None = None,
+    suffix: Tensor | None = None,
+    frame_valid: Tensor | None = None,
+    suffix_valid: Tensor | None = None,
+    prob_rows: Tensor | None = None,
+    prob_layers: tuple[int, ...] = (),
+    record_frames: bool = False,
+    logits: bool = True,
+) -> LPOutput:
+    """Decoder forward over [prefix | frames | suffix] with the LP-Comp schedule active.
+
+    frames [B, F, n0, D] (projector output + time signal); prefix [B, P, D] defaults to
+    the backbone's template; suffix [B, S, D] (question / answer text embeddings, may be
+    empty). prob_rows: LongTensor [R] or [B, R] of suffix indices whose attention to the
+    frame tokens is returned for `prob_layers`. record_frames: keep the per-layer
+    pre-RoPE keys, values and kept indices of the frame tokens (what the cache stores).
+    """
+    dec = backbone.decoder
+    num_layers = len(dec.layers)
+    if frames.dim() != 4 or frames.shape[2] != backbone.n0 or frames.shape[3] != dec.config.hidden_size:
+        raise ValueError(
+            f"frames must be [B, F, n0={backbone.n0}, D={dec.config.hidden_size}], got {tuple(frames.shape)}"
+        )
+    b, f, n0, d = frames.shape
+    dev = frames.device
+    if prefix is None:
+        ids = backbone.prefix_ids().to(dev)
+        prefix = dec.embed_tokens(ids)[None].expand(b, -1, -1).to(frames.dtype)
+    if suffix is None:
+        suffix = frames.new_zeros(b, 0, d)
+    p, s = prefix.shape[1], suffix.shape[1]
+    frame_valid = torch.ones(b, f, dtype=torch.bool, device=dev) if frame_valid is None else frame_valid.to(dev)
+    suffix_valid = torch.ones(b, s, dtype=torch.bool, device=dev) if suffix_valid is None else suffix_valid.to(dev)
+    prefix_valid = torch.ones(b, p, dtype=torch.bool, device=dev)
+    if prob_rows is not None:
+        prob_rows = prob_rows.to(dev)
+        if prob_layers and (prob_rows.numel() == 0 or prob_rows.max() >= s or prob_rows.min() < 0):
+            raise ValueError(f"prob_rows must index the {s} suffix tokens, got {prob_rows.tolist()}")
+    bad = [l for l in prob_layers if not 0 <= l < num_layers]
+    if bad:
+        raise ValueError(f"prob_layers {bad} outside 0..{num_layers - 1}")
+
+    sched = comp.tokens_per_layer(num_layers, n0)
+    kept = torch.arange(n0, device=dev).expand(b, f, n0)
+    prefix_h, frame_h, suffix_h = prefix, frames, suffix
+    out = LPOutput(hidden=suffix, logits=None, past=[])
+    for l in range(num_layers):
+        n = frame_h.shape[2]  # == sched[l]
+        hidden = torch.cat([prefix_h, frame_h.reshape(b, f * n, d), suffix_h], 1)
+        valid = torch.cat([prefix_valid, frame_valid.repeat_interleave(n, 1), suffix_valid], 1)
+        rows = None
+        if l in prob_layers and prob_rows is not None:
+            rows = prob_rows + p + f * n
+        res = layer_step(dec, l, hidden, positions_for(valid), valid, prob_rows=rows)
+
+        fk = res.keys[:, p : p + f * n].reshape(b, f, n, *res.keys.shape[2:])
+        if record_frames:
+            out.frame_keys.append(fk)
+            out.frame_values.append(res.values[:, p : p + f * n].reshape(b, f, n, *res.values.shape[2:]))
+            out.kept.append(kept)
+        out.past.append(LayerKV(res.keys_rot, res.values, valid))
+        if res.probs is not None:
+            out.probs[l] = res.probs[..., p : p + f * n].reshape(*res.probs.shape[:3], f, n)
+        prefix_h, frame_h, suffix_h = res.hidden.split([p, f * n, s], 1)
+        frame_h = frame_h.reshape(b, f, n, d)
+        if l + 1 < num_layers and sched[l + 1] < n:  # drop after this layer, by its keys
+            sel = select_tokens(comp.policy, sched[l + 1], fk)
+            frame_h, kept = _gather_frames(frame_h, sel), _gather_frames(kept, sel)
+
+    out.hidden = dec.norm(suffix_h)
+    out.logits = backbone.lm_head(out.hidden) if logits else None
+    return out
+
+
+def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig) -> list[WindowKV]:
+    """LP-Comp prefill of a batch of windows, each [prefix | its frames], segment-local.
+
+    frame_embs[i]: [F_i, n0, D]. Windows of different lengths are padded and masked.
+    The prefix's own KV is not returned (it is recomputed at question time).
+    """
+    if not frame_embs:
+        raise ValueError("prefill_windows needs at least one window")
+    for i, e in enumerate(frame_embs):
+        if e.dim() != 3 or e.shape[0] < 1:
+            raise ValueError(f"window {i}: frame embeddings must be [F>=1, n0, D], got {tuple(e.shape)}")
+    counts = [e.shape[0] for e in frame_embs]
+    frames = torch.nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
+    frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(counts, device=frames.device)[:, None]
+    out = lp_forward(backbone, frames, comp, frame_valid=frame_valid, record_frames=True, logits=False)
+    return [
+        WindowKV(
+            keys=[k[i, :c] for k in out.frame_keys],
+            values=[v[i, :c] for v in out.frame_values],
+            kept=[k[i, :c] for k in out.kept],
+        )
+        for i, c in enumerate(counts)
+    ]
