@@ -1,0 +1,150 @@
+"""Answer a question over selected frames (DESIGN.md 3.3), and the uncached reference.
+
+    ctx = QuestionContext.build(backbone, question)                  # model/qccomp.py
+    gen = answer_cached(backbone, ctx, keys, values, DecodeConfig())  # frames' cached KV
+    gen = answer_embeddings(backbone, ctx, embs, comp)                # reencode / full
+    gen.text, gen.token_ids, gen.logits
+
+Modes:
+- `cached` (default): per layer l, the selected frames' cached pre-RoPE keys and values
+  [K, n(l), kvh, hd] (from any windows, in time order) are concatenated and the keys
+  rotated at contiguous positions after the prefix (P .. P + K*n(l) - 1), as LP-Comp
+  renumbers; the question is prefilled against them, then decoding continues with every
+  new token at position len(l) of its layer. No frame is re-encoded.
+- `reencode` (paper-exact): the LP-Comp forward over the selected frames' cached
+  embeddings jointly, question as suffix, then decoding.
+- `full` (reference, no cache): the same forward over all frames' embeddings, as XComp
+  runs without selection. `reencode` and `full` differ only in which frames they get.
+
+Per-layer positions make `model.generate` unsuitable; decoding is a short loop over
+`model.decoder.extend`, with transformers' logits processors for temperature / top-k /
+top-p sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model.config import CompressionConfig
+from model.decoder import LayerKV, extend
+from model.lpcomp import lp_forward
+from model.qccomp import QuestionContext, video_past
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to turn logits into an answer. temperature 0 is greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int = 0  # sampling only
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+
+
+@dataclass
+class Generated:
+    text: str
+    token_ids: list[int]
+    logits: Tensor  # [steps, vocab] fp32: the logits each generated token was chosen from
+
+
+@dataclass
+class Answer:
+    """An answer with its evidence: which frames it saw, from where, and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    mode: str  # cached | reencode | full
+    score_mode: str | None  # exact | fast; None for full
+    k: int  # frames requested
+    times: np.ndarray  # [K] seconds of the frames answered over, time order
+    window: np.ndarray  # [K] their window (position in the readers)
+    frame: np.ndarray  # [K] their index within the window
+    scores: np.ndarray  # [K] their QC scores
+    bytes_read: int  # from the cache, this question
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: score, read, answer, total
+
+
+def _processors(cfg: DecodeConfig) -> LogitsProcessorList:
+    procs = LogitsProcessorList()
+    if cfg.temperature > 0:
+        procs.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k:
+            procs.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1:
+            procs.append(TopPLogitsWarper(cfg.top_p))
+    return procs
+
+
+def decode(backbone, past: list[LayerKV], logits: Tensor, cfg: DecodeConfig) -> Generated:
+    """Generate from the logits [vocab] of the last prompt token; `past` is every
+    layer's cache (lengths may differ per layer), extended one token at a time."""
+    tok = backbone.tokenizer
+    procs = _processors(cfg)
+    gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    ids: list[int] = []
+    steps: list[Tensor] = []
+    text = ""
+    for _ in range(cfg.max_new_tokens):
+        logits = logits.float()
+        steps.append(logits)
+        scores = procs(torch.tensor([ids], dtype=torch.long, device=logits.device), logits[None])[0]
+        if cfg.temperature > 0:
+            nxt = int(torch.multinomial(scores.softmax(-1), 1, generator=gen))
+        else:
+            nxt = int(scores.argmax())
+        if nxt == tok.eos_token_id:
+            break
+        ids.append(nxt)
+        text = tok.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        res = extend(backbone.decoder, backbone.embed_ids(torch.tensor([[nxt]])), past=past)
+        past = res.past
+        logits = backbone.lm_head(backbone.decoder.norm(res.hidden))[0, -1]
+    return Generated(text.strip(), ids, torch.stack(steps))
+
+
+def _prompt_logits(backbone, hidden: Tensor) -> Tensor:
+    return backbone.lm_head(backbone.decoder.norm(hidden[:, -1:]))[0, -1]
+
+
+@torch.inference_mode()
+def answer_cached(backbone, ctx: QuestionContext, keys: list[Tensor], values: list[Tensor],
+                  cfg: DecodeConfig = DecodeConfig()) -> Generated:
+    """Answer from cached KV: keys/values per layer [K, n(l), kvh, hd] (pre-RoPE keys),
+    the selected frames in time order."""
+    if len(keys) != backbone.num_layers or len(values) != backbone.num_layers:
+        raise ValueError(f"need K/V for all {backbone.num_layers} layers, got {len(keys)} and {len(values)}")
+    past = [video_past(backbone, ctx.prefix_past[l], [keys[l]], [values[l]]) for l in range(backbone.num_layers)]
+    res = extend(backbone.decoder, ctx.question_embs[None], past=past)
+    return decode(backbone, res.past, _prompt_logits(backbone, res.hidden), cfg)
+
+
+@torch.inference_mode()
+def answer_embeddings(backbone, ctx: QuestionContext, embs: Tensor, comp: CompressionConfig,
+                      cfg: DecodeConfig = DecodeConfig()) -> Generated:
+    """`reencode` (selected frames' cached embeddings) and `full` (every frame, no cache):
+    LP-Comp forward over [prefix | frames [F, n0, D] | question], then decoding."""
+    if embs.dim() != 3 or embs.shape[0] < 1:
+        raise ValueError(f"frame embeddings must be [F>=1, n0, D], got {tuple(embs.shape)}")
+    embs = embs.to(backbone.device, backbone.dtype)
+    out = lp_forward(backbone, embs[None], comp, suffix=ctx.question_embs[None])
+    return decode(backbone, out.past, out.logits[0, -1], cfg)
+

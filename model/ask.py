@@ -1,0 +1,117 @@
+"""One question about one video's cache: score every frame, keep the top K in time
+order, answer over them (DESIGN.md 3). No frame is decoded or re-encoded.
+
+    readers = [WindowReader(store_range(key), key) for key in the video's window keys]
+    ans = ask(backbone, readers, "what colour is the star ?", k=16)       # fast + cached
+    ans.text, ans.times, ans.scores, ans.bytes_read, ans.timings
+
+score_mode: `fast` (cached keys of a few layers) or `exact` (question prefilled against
+every window's K/V); answer_mode: `cached` (selected frames' K/V) or `reencode` (LP-Comp
+over the selected frames' cached embeddings). See model/qccomp.py and model/answer.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from model.answer import Answer, DecodeConfig, answer_cached, answer_embeddings
+from model.config import CompressionConfig
+from model.kvcache import WindowReader
+from model.qccomp import FrameScores, QuestionContext, score_frames
+
+ANSWER_MODES = ("cached", "reencode")
+
+
+def _by_window(picked: FrameScores) -> dict[int, list[int]]:
+    """Selected frames grouped by window, each window's frames in ascending order."""
+    out: dict[int, list[int]] = {}
+    for w, j in sorted(zip(picked.window.tolist(), picked.frame.tolist())):
+        out.setdefault(w, []).append(j)
+    return out
+
+
+def _time_order(picked: FrameScores, groups: dict[int, list[int]]) -> Tensor:
+    """Indices that put rows read window by window (as `_by_window`) back in `picked`'s order."""
+    read_order = [(w, j) for w, js in groups.items() for j in js]
+    slot = {wj: i for i, wj in enumerate(read_order)}
+    return torch.tensor([slot[wj] for wj in zip(picked.window.tolist(), picked.frame.tolist())])
+
+
+def read_selected_kv(readers: Sequence[WindowReader], picked: FrameScores) -> tuple[list[Tensor], list[Tensor]]:
+    """The selected frames' cached K/V per layer [K, n(l), kvh, hd], in `picked`'s order;
+    one range read per run of adjacent frames of a window."""
+    groups = _by_window(picked)
+    parts = [readers[w].window_kv(js) for w, js in groups.items()]
+    order = _time_order(picked, groups)
+    layers = range(len(parts[0][0]))
+    keys = [torch.cat([k[l] for k, _ in parts])[order] for l in layers]
+    values = [torch.cat([v[l] for _, v in parts])[order] for l in layers]
+    return keys, values
+
+
+def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScores) -> Tensor:
+    """The selected frames' cached embeddings [K, n0, D], in `picked`'s order."""
+    groups = _by_window(picked)
+    embs = torch.cat([readers[w].embeddings()[js] for w, js in groups.items()])
+    return embs[_time_order(picked, groups)]
+
+
+def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig | None) -> CompressionConfig:
+    """The compression the objects were written with (on/off is read from their schedule;
+    the keep policy is not stored, so `comp` supplies it), checked against the objects."""
+    flat = [backbone.n0] * backbone.num_layers
+    comp = comp or CompressionConfig(enabled=reader.meta.schedule != flat)
+    want = comp.tokens_per_layer(backbone.num_layers, backbone.n0)
+    if want != reader.meta.schedule:
+        raise ValueError(f"compression {comp} gives schedule {want}, but {reader.name} was written with "
+                         f"{reader.meta.schedule}")
+    return comp
+
+
+def ask(
+    backbone,
+    readers: Sequence[WindowReader],
+    question: str,
+    k: int = 16,
+    score_mode: str = "fast",
+    answer_mode: str = "cached",
+    decode: DecodeConfig = DecodeConfig(),
+    score_layers: Sequence[int] | None = None,
+    comp: CompressionConfig | None = None,
+    batch_windows: int = 16,
+) -> Answer:
+    """Answer `question` about the video whose window objects `readers` read.
+
+    readers: one per window, any order (frames are put in time order by their stored
+    timestamps). comp: only for `reencode` (defaults to the objects' own schedule with
+    the paper's suffix policy).
+    """
+    if answer_mode not in ANSWER_MODES:
+        raise ValueError(f"unknown answer mode {answer_mode!r}; choose one of {ANSWER_MODES}")
+    start_bytes = sum(r.bytes_read for r in readers)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ctx = QuestionContext.build(backbone, question)
+        scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows)
+        picked = scores.top_k(k)
+        t1 = time.perf_counter()
+        if answer_mode == "cached":
+            keys, values = read_selected_kv(readers, picked)
+            t2 = time.perf_counter()
+            gen = answer_cached(backbone, ctx, keys, values, decode)
+        else:
+            comp = stored_compression(backbone, readers[0], comp)
+            embs = read_selected_embeddings(readers, picked)
+            t2 = time.perf_counter()
+            gen = answer_embeddings(backbone, ctx, embs, comp, decode)
+    t3 = time.perf_counter()
+    return Answer(
+        text=gen.text, token_ids=gen.token_ids, mode=answer_mode, score_mode=score_mode, k=k,
+        times=picked.times, window=picked.window, frame=picked.frame, scores=picked.scores,
+        bytes_read=sum(r.bytes_read for r in readers) - start_bytes,
+        timings={"score": t1 - t0, "read": t2 - t1, "answer": t3 - t2, "total": t3 - t0},
+    )

@@ -1,0 +1,241 @@
+"""QC-Comp: score every cached frame of a video for a question (DESIGN.md 1.3, 3.1).
+
+    ctx = QuestionContext.build(backbone, "what colour is the star ?")
+    scores = score_frames(backbone, readers, ctx, mode="fast")    # FrameScores, one row a frame
+    picked = scores.top_k(16)                                     # best 16, back in time order
+
+Each window is scored segment-locally, as it was encoded: at layer l the sequence is
+[prefix | the window's frames, n(l) cached tokens each | question], positions
+0..len-1. A frame's score is the attention probability from the question's own words
+(not the template) to the frame's tokens, averaged over heads, question words and the
+frame's tokens, summed over the scoring layers.
+
+Modes:
+- `exact`: the question is prefilled against the window's cached K/V layer by layer up
+  to the last scoring layer (batched over windows, padded and masked), so the question's
+  hidden states see the video exactly as a joint forward would. Reads every layer's K/V
+  of every frame (`frame.{j}`).
+- `fast`: an approximation that reads only the cached pre-RoPE keys of the fast layers
+  (`score.k{l}`). The question's hidden states come from [prefix | question] with no
+  video (computed once per question, not per window); at each fast layer its queries
+  attend [prefix | frame keys | question] rotated at the same positions `exact` uses.
+  What it misses: the question's dependence on the video in the layers below, and the
+  non-fast scoring layers.
+
+A score is a probability within its window's softmax, so the frames of a shorter last
+window share the mass with fewer frames and score higher on average; as in the paper,
+no correction is applied. Windows are stored non-overlapping and scored as stored (no
+stride-W/2 overlap: a window made of halves of two stored windows would reuse KV
+computed in another context, which is not the paper's computation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model.config import default_score_layers
+from model.decoder import LayerKV, extend, layer_step, positions_for, rotate
+from model.kvcache import CacheError, WindowReader
+
+SCORE_MODES = ("exact", "fast")
+
+
+@dataclass
+class QuestionContext:
+    """What every window's scoring (and the answer) shares for one question.
+
+    prefix_past is the template prefix's K/V at every layer (positions 0..P-1; it does
+    not depend on the video), computed once per question.
+    """
+
+    question: str
+    prefix_past: list[LayerKV]  # per layer, batch 1: [1, P, kvh, hd]
+    question_embs: Tensor  # [Q, D]
+    user_rows: Tensor  # [R] indices of the user's words among the Q question tokens
+
+    @classmethod
+    @torch.inference_mode()
+    def build(cls, backbone, question: str) -> QuestionContext:
+        ids, mask = backbone.question_ids(question)
+        if not mask.any():
+            raise ValueError(f"question {question!r} has no words of the user's to score frames with")
+        dec = backbone.decoder
+        prefix = backbone.embed_ids(backbone.prefix_ids())[None]
+        return cls(
+            question=question,
+            prefix_past=extend(dec, prefix).past,
+            question_embs=backbone.embed_ids(ids),
+            user_rows=mask.nonzero().squeeze(1).to(backbone.device),
+        )
+
+    @property
+    def prefix_len(self) -> int:
+        return self.prefix_past[0].keys.shape[1]
+
+
+@dataclass
+class FrameScores:
+    """One row per cached frame, in the order of the readers and their frames."""
+
+    window: np.ndarray  # [N] position of the frame's window in `readers`
+    frame: np.ndarray  # [N] frame index within its window
+    times: np.ndarray  # [N] seconds
+    scores: np.ndarray  # [N] float64
+
+    def top_k(self, k: int) -> FrameScores:
+        """The k best frames (all if fewer), back in time order."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1 frame, got {k}")
+        best = np.argsort(-self.scores, kind="stable")[:k]
+        best = best[np.lexsort((self.frame[best], self.window[best], self.times[best]))]
+        return FrameScores(self.window[best], self.frame[best], self.times[best], self.scores[best])
+
+
+def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
+    """Refuse objects written by another model shape or mixed from two indexes, naming the object."""
+    if not readers:
+        raise ValueError("no cached windows to score: the video has no window objects")
+    dec = backbone.decoder
+    want = (backbone.num_layers, backbone.n0, dec.config.num_key_value_heads, dec.layers[0].self_attn.head_dim)
+    for r in readers:
+        m = r.meta
+        got = (len(m.schedule), m.n0, m.kv_heads, m.head_dim)
+        if got != want:
+            raise CacheError(r.name, f"(layers, n0, kv_heads, head_dim) = {got} but the model has {want}: "
+                                     "written by another model")
+        if (m.model_fp, m.schedule) != (readers[0].meta.model_fp, readers[0].meta.schedule):
+            raise CacheError(r.name, f"model fingerprint/schedule differ from {readers[0].name}'s: "
+                                     "objects of different indexes mixed in one video")
+
+
+def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tensor] | None = None) -> LayerKV:
+    """One layer's past for a batch of windows: [prefix | the windows' frame tokens, padded].
+
+    keys[i]: window i's pre-RoPE keys [F_i, n, kvh, hd], rotated here at P + their index
+    within the window, where LP-Comp placed them; values likewise, or None when only
+    attention probabilities are wanted (zeros stand in). prefix: batch-1 LayerKV.
+    """
+    b, n = len(keys), keys[0].shape[1]
+    p = prefix.keys.shape[1]
+    dev, dtype = prefix.keys.device, prefix.keys.dtype
+    counts = torch.tensor([k.shape[0] for k in keys], device=dev)
+    f_max = int(counts.max())
+    if values is None:
+        values = [torch.zeros_like(k) for k in keys]
+    k = torch.nn.utils.rnn.pad_sequence([k.flatten(0, 1) for k in keys], batch_first=True).to(dev, dtype)
+    v = torch.nn.utils.rnn.pad_sequence([v.flatten(0, 1) for v in values], batch_first=True).to(dev, dtype)
+    slots = torch.arange(f_max * n, device=dev)
+    valid = slots[None] < (counts * n)[:, None]
+    k = rotate(backbone.decoder, k, (p + slots).expand(b, -1))
+    prefix = LayerKV(*(x.expand(b, *x.shape[1:]) for x in (prefix.keys, prefix.values, prefix.valid)))
+    return prefix.cat(LayerKV(k, v, valid))
+
+
+def _frame_means(probs: Tensor, p: int, f_max: int, n: int) -> Tensor:
+    """probs [B, H, R, S] over [prefix | F_max x n frame tokens | ...] -> [B, F_max]:
+    mean over heads, question rows and the frame's tokens."""
+    frames = probs[..., p : p + f_max * n].reshape(*probs.shape[:3], f_max, n)
+    return frames.mean(dim=(1, 2, 4))
+
+
+def _score_exact(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
+                 score_layers: tuple[int, ...]) -> Tensor:
+    """[B, F_max] scores of a batch of windows: question prefilled against their K/V."""
+    kvs = [r.window_kv() for r in readers]
+    last = max(score_layers)
+    past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
+            for l in range(last + 1)]
+    q = ctx.question_embs[None].expand(len(readers), -1, -1)
+    res = extend(backbone.decoder, q, past=past, layers=range(last + 1),
+                 prob_rows=ctx.user_rows, prob_layers=score_layers)
+    f_max = max(r.frames for r in readers)
+    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
+
+
+def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> dict[int, Tensor]:
+    """The question's hidden states entering each of `layers` [1, Q, D], from
+    [prefix | question] with no video: what `fast` scoring queries with."""
+    out, h = {}, ctx.question_embs[None]
+    for l in range(max(layers) + 1):
+        if l in layers:
+            out[l] = h
+        if l < max(layers):
+            h = extend(backbone.decoder, h, past=ctx.prefix_past, layers=range(l, l + 1)).hidden
+    return out
+
+
+@torch.inference_mode()
+def question_queries(backbone, question: str | QuestionContext, layer: int) -> Tensor:
+    """Pre-RoPE queries [R, heads, head_dim] of the user's words at `layer`, from
+    [prefix | question] with no video: what `model.encoder.query_vector` pools to match
+    the frame vectors of a library search."""
+    ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
+    h = question_hidden(backbone, ctx, (layer,))[layer][0, ctx.user_rows]
+    attn = backbone.decoder.layers[layer].self_attn
+    x = backbone.decoder.layers[layer].input_layernorm(h)
+    return attn.q_proj(x).view(len(h), -1, attn.head_dim)
+
+
+def _score_fast(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
+                hidden: dict[int, Tensor]) -> Tensor:
+    """[B, F_max] scores of a batch of windows from their cached keys of the fast layers."""
+    total = 0
+    f_max = max(r.frames for r in readers)
+    for l, h in hidden.items():
+        keys = [r.score_keys(l) for r in readers]
+        past = video_past(backbone, ctx.prefix_past[l], keys)
+        h = h.expand(len(readers), -1, -1)
+        valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length), valid, past,
+                         prob_rows=ctx.user_rows)
+        total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1])
+    return total
+
+
+@torch.inference_mode()
+def score_frames(
+    backbone,
+    readers: Sequence[WindowReader],
+    question: str | QuestionContext,
+    mode: str = "fast",
+    score_layers: Sequence[int] | None = None,
+    batch_windows: int = 16,
+) -> FrameScores:
+    """Score every frame of the windows behind `readers` (one video, any order).
+
+    score_layers: `exact` defaults to the paper's 21%..82% of depth; `fast` to the fast
+    layers stored in the objects (and may only use those).
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown score mode {mode!r}; choose one of {SCORE_MODES}")
+    if batch_windows < 1:
+        raise ValueError(f"batch_windows must be >= 1, got {batch_windows}")
+    check_readers(backbone, readers)
+    ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
+    num_layers = backbone.num_layers
+    if score_layers is None:
+        score_layers = default_score_layers(num_layers) if mode == "exact" else readers[0].meta.fast_layers
+    score_layers = tuple(sorted(set(int(l) for l in score_layers)))
+    if not score_layers or not all(0 <= l < num_layers for l in score_layers):
+        raise ValueError(f"score layers {score_layers} must be a non-empty subset of 0..{num_layers - 1}")
+    hidden = question_hidden(backbone, ctx, score_layers) if mode == "fast" else None
+
+    scores = []
+    for start in range(0, len(readers), batch_windows):
+        batch = readers[start : start + batch_windows]
+        if mode == "exact":
+            s = _score_exact(backbone, ctx, batch, score_layers)
+        else:
+            s = _score_fast(backbone, ctx, batch, hidden)
+        scores += [s[i, : r.frames] for i, r in enumerate(batch)]
+    return FrameScores(
+        window=np.concatenate([np.full(r.frames, w) for w, r in enumerate(readers)]),
+        frame=np.concatenate([np.arange(r.frames) for r in readers]),
+        times=np.concatenate([r.times for r in readers]),
+        scores=torch.cat(scores).double().cpu().numpy(),
+    )

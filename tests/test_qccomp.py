@@ -1,0 +1,249 @@
+"""QC-Comp scoring from cached window objects, against uncached references.
+
+References: the HF decoder forward with eager attention and output_attentions over
+[prefix | window | question] (compression off); the naive per-layer LP-Comp reference
+of tests/test_lpcomp.py (compression on); for `fast`, the HF forward of [prefix |
+question] without video and an explicit softmax against the stored keys. Windows are
+encoded by the real WindowEncoder and read back through WindowReader. fp32 throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+
+from model.config import CompressionConfig, IndexConfig, default_score_layers
+from model.decoder import rotate
+from model.encoder import WindowEncoder, WindowInput
+from model.kvcache import CacheError, reader_from_bytes, write_window
+from model.lpcomp import WindowKV
+from model.qccomp import QuestionContext, question_queries, score_frames
+from tests.llava_tiny import save_tiny_llava
+from tests.test_lpcomp import eager_attention, naive_reference
+
+OFF = CompressionConfig(enabled=False)
+ON = CompressionConfig()
+QUESTION = {"tiny": "what colour is the star ?", "llava": "what colour is the star ?"}
+
+
+def encode_video(encoder: WindowEncoder, frames: int, seed: int = 0):
+    """Random frames at 1 fps -> window objects -> readers (window order)."""
+    rng = np.random.default_rng(seed)
+    h, w = encoder.image_size
+    pixels = rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+    times = np.arange(frames) + 0.5
+    size = encoder.cfg.window
+    windows = [WindowInput(pixels[i : i + size], times[i : i + size], float(frames), i // size)
+               for i in range(0, frames, size)]
+    return [reader_from_bytes(o.blob, f"w{o.index:06d}", o.sha256) for o in encoder.encode(windows)]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return str(save_tiny_llava(tmp_path_factory.mktemp("llava")))
+
+
+def make_encoder(model: str, comp: CompressionConfig, window: int, llava_dir: str, quant: str = "none") -> WindowEncoder:
+    return WindowEncoder("tiny" if model == "tiny" else llava_dir,
+                         IndexConfig(window=window, compression=comp, quant=quant))
+
+
+def question_parts(bb, question):
+    ids, mask = bb.question_ids(question)
+    return bb.embed_ids(ids), mask.nonzero().squeeze(1)
+
+
+def hf_scores(bb, frame_embs, question, score_layers):
+    """Compression off: eager HF forward over [prefix | frames | question]; per frame the
+    attention of the user's words to its tokens, mean over heads/rows/tokens, summed."""
+    q, rows = question_parts(bb, question)
+    prefix = bb.embed_ids(bb.prefix_ids())
+    f, n0 = frame_embs.shape[:2]
+    p = len(prefix)
+    seq = torch.cat([prefix, frame_embs.flatten(0, 1), q])[None]
+    with eager_attention(bb.decoder):
+        attn = bb.decoder(inputs_embeds=seq, output_attentions=True).attentions
+    qrows = p + f * n0 + rows
+    return sum(attn[l][0][:, qrows, p : p + f * n0].reshape(-1, len(rows), f, n0).mean(dim=(0, 1, 3))
+               for l in score_layers)
+
+
+def naive_scores(bb, frame_embs, question, score_layers, comp):
+    """Compression on: the naive per-layer reference's eager attention weights."""
+    q, rows = question_parts(bb, question)
+    prefix = bb.embed_ids(bb.prefix_ids())
+    rec, _ = naive_reference(bb, prefix, frame_embs, q, comp)
+    sched = comp.tokens_per_layer(bb.num_layers, bb.n0)
+    f, p = len(frame_embs), len(prefix)
+    total = 0
+    for l in score_layers:
+        n = sched[l]
+        a = rec["attn"][l]  # [H, T, T]
+        total = total + a[:, p + f * n + rows, p : p + f * n].reshape(-1, len(rows), f, n).mean(dim=(0, 1, 3))
+    return total
+
+
+@pytest.mark.parametrize("model", ["tiny", "llava"])
+@torch.no_grad()
+def test_exact_scores_match_eager_reference_uncompressed(model, llava_dir):
+    enc = make_encoder(model, OFF, window=4, llava_dir=llava_dir)
+    bb = enc.backbone
+    readers = encode_video(enc, 10)  # windows of 4, 4 and a ragged 2, scored in one batch
+    layers = default_score_layers(bb.num_layers)
+    got = score_frames(bb, readers, QUESTION[model], "exact", batch_windows=3)
+    assert got.window.tolist() == [0] * 4 + [1] * 4 + [2] * 2
+    assert got.frame.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    np.testing.assert_allclose(got.times, np.arange(10) + 0.5)
+    for w, r in enumerate(readers):
+        ref = hf_scores(bb, r.embeddings(), QUESTION[model], layers)
+        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model", ["tiny", "llava"])
+@torch.no_grad()
+def test_exact_scores_match_naive_reference_compressed(model, llava_dir):
+    enc = make_encoder(model, ON, window=3, llava_dir=llava_dir)
+    bb = enc.backbone
+    readers = encode_video(enc, 7, seed=1)
+    layers = default_score_layers(bb.num_layers)
+    got = score_frames(bb, readers, QUESTION[model], "exact", batch_windows=2)
+    for w, r in enumerate(readers):
+        ref = naive_scores(bb, r.embeddings(), QUESTION[model], layers, ON)
+        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+
+
+def fast_reference(bb, reader, question, layer):
+    """`fast` by hand for one window and one layer: the question's hidden states from an
+    HF forward of [prefix | question] (no video); its queries attend [prefix keys |
+    stored frame keys | its own keys, causal], all rotated where `exact` puts them."""
+    dec = bb.decoder
+    q_embs, rows = question_parts(bb, question)
+    prefix = bb.embed_ids(bb.prefix_ids())
+    p, nq = len(prefix), len(q_embs)
+    out = dec(inputs_embeds=torch.cat([prefix, q_embs])[None], output_hidden_states=True, use_cache=True)
+    attn = dec.layers[layer].self_attn
+    x = dec.layers[layer].input_layernorm(out.hidden_states[layer][0, p:])  # entering `layer`
+    hd = attn.head_dim
+    q, k = attn.q_proj(x).view(nq, -1, hd), attn.k_proj(x).view(nq, -1, hd)
+    frame_k = reader.score_keys(layer)  # [F, n, kvh, hd] pre-RoPE
+    f, n = frame_k.shape[:2]
+    pos_f, pos_q = torch.arange(p, p + f * n), torch.arange(p + f * n, p + f * n + nq)
+
+    def rope(x, pos):
+        cos, sin = dec.rotary_emb(x, pos[None])
+        return apply_rotary_pos_emb(x[None], x[None], cos, sin, unsqueeze_dim=2)[0][0]
+
+    prefix_k = out.past_key_values.layers[layer].keys[0, :, :p].transpose(0, 1)  # rotated at 0..P-1
+    keys = torch.cat([prefix_k, rope(frame_k.flatten(0, 1), pos_f), rope(k, pos_q)])  # [S, kvh, hd]
+    keys = repeat_kv(keys.transpose(0, 1)[None], attn.num_key_value_groups)[0]  # [H, S, hd]
+    logits = (rope(q, pos_q).transpose(0, 1) @ keys.transpose(1, 2)) * attn.scaling  # [H, Q, S]
+    s = keys.shape[1]
+    causal = torch.arange(s)[None] > (p + f * n + torch.arange(nq))[:, None]
+    probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+    return probs[:, rows, p : p + f * n].reshape(-1, len(rows), f, n).mean(dim=(0, 1, 3))
+
+
+@pytest.mark.parametrize("model", ["tiny", "llava"])
+@torch.no_grad()
+def test_fast_scores_match_hand_reference(model, llava_dir):
+    enc = make_encoder(model, ON, window=4, llava_dir=llava_dir)
+    bb = enc.backbone
+    readers = encode_video(enc, 9, seed=2)
+    fast_layers = readers[0].meta.fast_layers
+    got = score_frames(bb, readers, QUESTION[model], "fast", batch_windows=2)
+    for w, r in enumerate(readers):
+        ref = sum(fast_reference(bb, r, QUESTION[model], l) for l in fast_layers)
+        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_question_queries_match_hf_forward(llava_dir):
+    enc = make_encoder("tiny", ON, window=4, llava_dir=llava_dir)
+    bb, dec = enc.backbone, enc.backbone.decoder
+    q_embs, rows = question_parts(bb, QUESTION["tiny"])
+    prefix = bb.embed_ids(bb.prefix_ids())
+    hidden = dec(inputs_embeds=torch.cat([prefix, q_embs])[None], output_hidden_states=True).hidden_states
+    for l in range(bb.num_layers):
+        attn = dec.layers[l].self_attn
+        ref = attn.q_proj(dec.layers[l].input_layernorm(hidden[l][0, len(prefix) + rows]))
+        got = question_queries(bb, QUESTION["tiny"], l)
+        assert got.shape == (len(rows), dec.config.num_attention_heads, attn.head_dim)
+        torch.testing.assert_close(got.flatten(1), ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_scores_do_not_depend_on_window_batching(llava_dir):
+    enc = make_encoder("tiny", ON, window=4, llava_dir=llava_dir)
+    readers = encode_video(enc, 11, seed=3)
+    for mode in ("exact", "fast"):
+        one = score_frames(enc.backbone, readers, QUESTION["tiny"], mode, batch_windows=1)
+        many = score_frames(enc.backbone, readers, QUESTION["tiny"], mode, batch_windows=8)
+        np.testing.assert_allclose(one.scores, many.scores, atol=1e-6, rtol=0)
+
+
+def plant_needle(bb, reader, frame: int, question: str, layers, strength: float = 12.0):
+    """Rewrite one frame's cached keys at `layers` so that, rotated where scoring puts
+    them, they point along the question's mean rotated query (per kv head group), taken
+    from [prefix | question] without video. Returns a reader over the rewritten object."""
+    dec = bb.decoder
+    keys, values = reader.window_kv()
+    q_embs, rows = question_parts(bb, question)
+    prefix = bb.embed_ids(bb.prefix_ids())
+    p, f = len(prefix), reader.frames
+    hidden = dec(inputs_embeds=torch.cat([prefix, q_embs])[None], output_hidden_states=True).hidden_states
+    for l in layers:
+        attn = dec.layers[l].self_attn
+        n, kvh, hd = keys[l].shape[1:]
+        x = dec.layers[l].input_layernorm(hidden[l][0, p:])
+        q = attn.q_proj(x).view(len(q_embs), -1, hd)[rows]  # user's words [R, H, hd]
+        q = rotate(dec, q[None], (p + f * n + rows)[None])[0]
+        target = q.mean(0).view(kvh, -1, hd).mean(1)  # [kvh, hd]
+        target = strength * hd**0.5 * target / target.norm(dim=-1, keepdim=True) ** 2
+        pos = p + frame * n + torch.arange(n)
+        keys[l][frame] = rotate(dec, target.expand(1, n, kvh, hd), -pos[None])[0]
+    m = reader.meta
+    blob = write_window(WindowKV(keys, values, kept=[]), reader.embeddings(), m.times, m.duration,
+                        model_fp=m.model_fp, fast_layers=m.fast_layers, quant=m.quant)
+    return reader_from_bytes(blob, reader.name)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+@torch.no_grad()
+def test_planted_needle_ranks_first_in_both_modes(quant, llava_dir):
+    enc = make_encoder("tiny", ON, window=8, llava_dir=llava_dir, quant=quant)
+    bb = enc.backbone
+    readers = encode_video(enc, 24 * 8, seed=4)  # 192 frames, 24 windows
+    question = QUESTION["tiny"]
+    window, frame = 13, 5
+    readers[window] = plant_needle(bb, readers[window], frame, question, default_score_layers(bb.num_layers))
+    assert readers[window].meta.quant == quant
+    for mode in ("exact", "fast"):
+        scores = score_frames(bb, readers, question, mode)
+        best = int(np.argmax(scores.scores))
+        assert (scores.window[best], scores.frame[best]) == (window, frame), mode
+        top = scores.top_k(5)
+        assert (window, frame) in set(zip(top.window.tolist(), top.frame.tolist()))
+        assert np.all(np.diff(top.times) > 0), "top-k must come back in time order"
+
+
+@torch.no_grad()
+def test_bad_inputs_are_named(llava_dir):
+    enc = make_encoder("tiny", ON, window=4, llava_dir=llava_dir)
+    bb = enc.backbone
+    readers = encode_video(enc, 4)
+    with pytest.raises(ValueError, match="unknown score mode 'slow'"):
+        score_frames(bb, readers, QUESTION["tiny"], "slow")
+    with pytest.raises(ValueError, match="no cached windows"):
+        score_frames(bb, [], QUESTION["tiny"], "fast")
+    with pytest.raises(ValueError, match="not in the tiny model's vocabulary"):
+        score_frames(bb, readers, "what colour is the zebra ?", "fast")
+    with pytest.raises(CacheError, match="w000000.*no score keys"):
+        score_frames(bb, readers, QUESTION["tiny"], "fast", score_layers=[0])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        score_frames(bb, readers, QUESTION["tiny"], "fast").top_k(0)
+    other = make_encoder("llava", ON, window=4, llava_dir=llava_dir)
+    with pytest.raises(CacheError, match="w000000.*written by another model"):
+        score_frames(other.backbone, readers, QUESTION["tiny"], "exact")
+    assert QuestionContext.build(bb, QUESTION["tiny"]).user_rows.tolist() == list(range(1, 7))
