@@ -1,0 +1,175 @@
+"""`framekv` command line: ingest an archive, show an index's status, ask a question.
+
+    framekv ingest SOURCE --index INDEX [--model tiny|PATH] [--fps 1.0] [--window 64]
+                   [--max-frames N] [--address auto|ray://...]
+    framekv status INDEX [--json]
+    framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
+                [--answer cached|reencode]
+
+Errors about the user's input (a missing index, a bad argument, a broken video) print
+one line naming the input and the reason and exit non-zero; FRAMEKV_DEBUG=1 shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_ingest_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `framekv ingest`, shared with `python -m jobs.ingest`."""
+    p.add_argument("source", help="folder, video file, s3://bucket/prefix, or manifest (.txt/.lst/.parquet)")
+    p.add_argument("--index", required=True, help="index location: local folder or s3://bucket/prefix")
+    p.add_argument("--model", default="tiny", help="tiny (shipped), a local checkpoint folder, or a hub id")
+    p.add_argument("--fps", type=_positive_float, default=1.0, help="frames sampled per second (default 1.0)")
+    p.add_argument("--window", type=_positive_int, default=64, help="frames per cached window (default 64)")
+    p.add_argument("--max-frames", type=_positive_int, default=None, help="cap on sampled frames per video")
+    p.add_argument("--quant", choices=("none", "int8"), default="none", help="store K/V as int8 (default none)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, ray://host:port); default: start a local Ray")
+    p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--encode-actors", type=_positive_int, default=None,
+                   help="encode actors (default: one per GPU, 1 without GPUs)")
+    p.add_argument("--encode-cpus", type=_positive_float, default=0.5,
+                   help="CPUs per encode actor on CPU-only clusters (default 0.5)")
+    p.add_argument("--glob", default=None, help="only sources whose relative path matches this pattern")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: boto3's resolution)")
+    p.add_argument("--retry-failed", action="store_true", help="re-attempt videos that failed before")
+    p.add_argument("--prune", action="store_true",
+                   help="remove indexed videos (rows and objects) whose content is gone from SOURCE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def ingest_config(args: argparse.Namespace):
+    from model.config import IndexConfig, SamplingConfig
+    from pipeline.ingest import IngestConfig
+
+    index_cfg = IndexConfig(sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames),
+                            window=args.window, quant=args.quant)
+    return IngestConfig(source=args.source, index=args.index, model=args.model, index_cfg=index_cfg,
+                        address=args.address, num_cpus=args.num_cpus, encode_actors=args.encode_actors,
+                        encode_cpus=args.encode_cpus, glob=args.glob, endpoint_url=args.endpoint_url,
+                        retry_failed=args.retry_failed, prune=args.prune, progress=not args.no_progress)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest
+
+    summary = ingest(ingest_config(args))
+    print(summary.line())
+    for uri, reason in sorted(summary.failures.items()):
+        print(f"  failed: {reason}")
+    return 0
+
+
+def open_index(index: str, endpoint_url: str | None = None):
+    """The catalog of an existing index; a clear error when there is none (never creates one)."""
+    from pipeline.catalog import Catalog
+    from pipeline.store import open_store
+
+    if next(iter(open_store(index, endpoint_url=endpoint_url).list("catalog/")), None) is None:
+        raise ValueError(f"index {index!r}: no catalog there (create it with `framekv ingest SOURCE --index {index}`)")
+    return Catalog(index, endpoint_url=endpoint_url)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    catalog = open_index(args.index, args.endpoint_url)
+    status = catalog.summary()
+    status["failed"] = [{"video_id": r.video_id, "uri": r.uri, "error": r.error, "attempts": r.attempts}
+                        for r in catalog.list_videos(status="failed")]
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: dict) -> str:
+    """`framekv status` for people: counts, cache size, failures with reasons, last run."""
+    videos = ", ".join(f"{n} {s}" for s, n in status["videos"].items() if n) or "no videos"
+    lines = [f"index {status['index']}: {videos}",
+             f"  ready: {status['frames']} frames in {status['windows']} windows, "
+             f"{status['cache_bytes'] / 1e6:.2f} MB of cache"]
+    lines += [f"  failed: {v['error'] if v['error'].startswith(v['uri']) else v['uri'] + ': ' + v['error']}"
+              for v in status["failed"]]
+    run = status.get("last_run")
+    if run:
+        counts = run.get("counts") or {}
+        lines.append(f"  last run {run['run_id'][:12]} ({run['status']}, started {run['started_at']}): "
+                     f"{counts.get('new', 0)} new, {counts.get('ready', 0)} ready, {counts.get('failed', 0)} failed, "
+                     f"{counts.get('windows_encoded', 0)} windows encoded")
+    return "\n".join(lines)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from jobs.query import ask_index
+
+    result = ask_index(args.index, args.question, video=args.video, k=args.k, score=args.score,
+                       answer_mode=args.answer, model=args.model, endpoint_url=args.endpoint_url)
+    print(result.format())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framekv", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="index the videos of SOURCE into INDEX on Ray")
+    add_ingest_args(p)
+    p.set_defaults(run=run_ingest)
+
+    p = sub.add_parser("status", help="videos, windows and runs of an index")
+    p.add_argument("index")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--endpoint-url", default=None)
+    p.set_defaults(run=run_status)
+
+    p = sub.add_parser("ask", help="answer a question from the cache, with timestamps as evidence")
+    p.add_argument("index")
+    p.add_argument("question")
+    p.add_argument("--video", default=None, help="video id (or a unique prefix) or source URI; default: the library")
+    p.add_argument("--k", type=_positive_int, default=16, help="frames kept for the answer (default 16)")
+    p.add_argument("--score", choices=("fast", "exact"), default="fast")
+    p.add_argument("--answer", choices=("cached", "reencode"), default="cached")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--endpoint-url", default=None)
+    p.set_defaults(run=run_ask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("framekv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line instead of a traceback (FRAMEKV_DEBUG=1 for it)
+        if os.environ.get("FRAMEKV_DEBUG"):
+            raise
+        print(f"framekv {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
