@@ -23,7 +23,7 @@ from model.ask import ask
 from model.backbone import load_backbone
 from model.encoder import frame_vector_layer, query_vector
 from model.kvcache import WindowReader
-from model.qccomp import QuestionContext, question_hidden, score_frames
+from model.qccomp import QuestionContext, question_queries, score_frames
 from pipeline.catalog import Catalog, VideoRow
 from pipeline.store import ObjectStore, open_store
 
@@ -73,11 +73,7 @@ def find_video(catalog: Catalog, spec: str) -> VideoRow:
 def question_vector(backbone, ctx: QuestionContext, layer: int) -> np.ndarray:
     """The question's pooled pre-RoPE queries at `layer` (user's words only), comparable
     with the frame vectors the encoder stored (model/encoder.py)."""
-    hidden = question_hidden(backbone, ctx, (layer,))[layer][0]
-    attn = backbone.decoder.layers[layer].self_attn
-    x = backbone.decoder.layers[layer].input_layernorm(hidden)
-    queries = attn.q_proj(x).view(hidden.shape[0], -1, attn.head_dim)[ctx.user_rows]
-    return query_vector(queries, backbone.decoder.config.num_key_value_heads)
+    return query_vector(question_queries(backbone, ctx, layer), backbone.decoder.config.num_key_value_heads)
 
 
 def library_candidates(catalog: Catalog, store: ObjectStore, backbone, question: str) -> list[VideoRow]:
@@ -118,6 +114,6 @@ def ask_index(index: str, question: str, video: str | None = None, k: int = 16, 
         raise ValueError(f"index {index}: the frame search found no candidate video")
     with torch.inference_mode():  # exact ranking: each candidate's best QC frame score
         best = max(candidates, key=lambda v: float(score_frames(
-            backbone, readers_for(catalog, store, v), question, score).scores.max()))
+            backbone, readers_for(catalog, store, v), question, score).relative.max()))
     return AskResult(best, ask(backbone, readers_for(catalog, store, best), question, k, score, answer_mode),
                      len(candidates))

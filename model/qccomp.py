@@ -23,8 +23,10 @@ Modes:
   non-fast scoring layers.
 
 A score is a probability within its window's softmax, so the frames of a shorter last
-window share the mass with fewer frames and score higher on average; as in the paper,
-no correction is applied. Windows are stored non-overlapping and scored as stored (no
+window share the mass with fewer frames and would score higher on average. Ranking
+(`top_k`) therefore uses `relative` = score x frames in the window: the frame's
+attention against a uniform share of its window, equal to the paper's ordering among
+full windows and fair to a ragged last window. Windows are stored non-overlapping and scored as stored (no
 stride-W/2 overlap: a window made of halves of two stored windows would reuse KV
 computed in another context, which is not the paper's computation).
 """
@@ -85,15 +87,22 @@ class FrameScores:
     window: np.ndarray  # [N] position of the frame's window in `readers`
     frame: np.ndarray  # [N] frame index within its window
     times: np.ndarray  # [N] seconds
-    scores: np.ndarray  # [N] float64
+    scores: np.ndarray  # [N] float64, the paper's score: attention probability in the window
+    window_frames: np.ndarray  # [N] frames in the frame's window
+
+    @property
+    def relative(self) -> np.ndarray:
+        """Score against a uniform share of the window: comparable across window lengths."""
+        return self.scores * self.window_frames
 
     def top_k(self, k: int) -> FrameScores:
-        """The k best frames (all if fewer), back in time order."""
+        """The k best frames by `relative` (all if fewer), back in time order."""
         if k < 1:
             raise ValueError(f"k must be >= 1 frame, got {k}")
-        best = np.argsort(-self.scores, kind="stable")[:k]
+        best = np.argsort(-self.relative, kind="stable")[:k]
         best = best[np.lexsort((self.frame[best], self.window[best], self.times[best]))]
-        return FrameScores(self.window[best], self.frame[best], self.times[best], self.scores[best])
+        return FrameScores(self.window[best], self.frame[best], self.times[best], self.scores[best],
+                           self.window_frames[best])
 
 
 def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
@@ -238,4 +247,5 @@ def score_frames(
         frame=np.concatenate([np.arange(r.frames) for r in readers]),
         times=np.concatenate([r.times for r in readers]),
         scores=torch.cat(scores).double().cpu().numpy(),
+        window_frames=np.concatenate([np.full(r.frames, r.frames) for r in readers]),
     )

@@ -73,7 +73,7 @@ def pick(readers, pairs):
     """FrameScores for hand-chosen (window, frame) pairs, in the given (time) order."""
     w, f = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
     times = np.array([readers[a].times[b] for a, b in pairs])
-    return FrameScores(w, f, times, np.zeros(len(pairs)))
+    return FrameScores(w, f, times, np.zeros(len(pairs)), np.ones(len(pairs)))
 
 
 @pytest.mark.parametrize("model", ["tiny", "llava"])
@@ -156,7 +156,7 @@ def test_ask_selects_in_time_order_and_answers_over_those_frames(score_mode, lla
     ans = ask(bb, shuffled, question, k=5, score_mode=score_mode, decode=cfg)
     scores = score_frames(bb, shuffled, question, score_mode)
     assert len(ans.times) == 5 and np.all(np.diff(ans.times) > 0)
-    assert set(ans.scores) == set(np.sort(scores.scores)[-5:])
+    assert set(ans.scores) == set(scores.scores[np.argsort(-scores.relative)[:5]])  # ranked by relative
     for w, j, t in zip(ans.window, ans.frame, ans.times):
         assert shuffled[w].times[j] == t
     assert ans.mode == "cached" and ans.score_mode == score_mode and ans.k == 5

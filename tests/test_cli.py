@@ -113,7 +113,7 @@ def test_library_question_picks_the_best_scoring_video(indexed, capsys):
 
     catalog, store, bb = Catalog(index), open_store(index), load_backbone("tiny")
     best = max(catalog.list_videos(status="ready"),
-               key=lambda v: float(score_frames(bb, readers_for(catalog, store, v), q.question).scores.max()))
+               key=lambda v: float(score_frames(bb, readers_for(catalog, store, v), q.question).relative.max()))
     assert f"video: {best.uri}" in out and "best of 2 candidates" in out
 
 
