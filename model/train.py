@@ -1,0 +1,487 @@
+"""Supervised compression tuning: train a VLM on synthetic needle videos with LP-Comp active.
+
+    python -m model.train --out model/checkpoints/tiny --steps 6000 --seed 0 --threads 1
+
+The loss is next-token cross-entropy on the answer ("<answer> <eos>") after
+[prefix | frames | question], run through `lp_forward` with the LP-Comp schedule on
+(`--no-lpcomp` trains the uncompressed comparison). A model trained from scratch
+needs two auxiliary signals to get past the answer prior (docs/TRAINING.md):
+
+- attribute loss: linear heads read each frame's surviving token at the last layer
+  (its value vector, what the question actually reads there) and predict the frame's
+  shape and colour (or "none"), so content is carried into the one kept token;
+- relevance loss: at the QC-Comp scoring layers, the attention mass of the user's
+  question words on the needle frames' tokens is pushed toward 1 (and, for clips that
+  miss the needle, the mass on all frames toward 0). This is the score QC-Comp ranks
+  frames by, so it trains frame selection itself.
+
+Curriculum (`CURRICULUM`): readout first (1-4 frames, 0-1 distractors, no retrieval
+needed), then longer clips with more distractors. Clips are views of synthetic videos
+up to 4096 s long: a whole short video, a window of a long one (which may miss the
+needle), or a sparse time-ordered selection that includes the needle (what a top-K
+answer sees). The auxiliary heads are not saved; the checkpoint is the backbone's own
+format plus a "trained" record in config.json. `--freeze-vision` (real checkpoints,
+GPU) freezes the vision tower and tunes projector + LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import CompressionConfig, IndexConfig
+from model.lpcomp import lp_forward
+from model.synth import COLOURS, SHAPES, SynthVideo, make_question, make_video
+
+MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
+EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One curriculum stage: clip length, distractors per video, batch size."""
+
+    name: str
+    until: float  # fraction of the run at which the next phase starts
+    frames: tuple[int, int]  # sampled frames per clip (inclusive range)
+    distractors: tuple[int, int]
+    batch: int
+    long_views: float  # probability that a clip is a view of a long video rather than a whole short one
+
+
+CURRICULUM = (
+    Phase("readout", 0.15, frames=(1, 4), distractors=(0, 1), batch=32, long_views=0.3),
+    Phase("single-distractor", 0.50, frames=(8, 24), distractors=(1, 1), batch=16, long_views=0.5),
+    Phase("long", 1.0, frames=(32, 64), distractors=(2, 6), batch=8, long_views=0.6),
+)
+
+
+@dataclass
+class Clip:
+    """One training example: a view of a synthetic video plus a question about its needle."""
+
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    times: np.ndarray  # [F] seconds
+    duration: float
+    question: str
+    answer: str | None  # None when the view misses the needle: only the relevance loss applies
+    needle: np.ndarray  # [F] bool, the frames the question is about
+    shape: np.ndarray  # [F] int: 0 none, 1 + SHAPES index
+    colour: np.ndarray  # [F] int: 0 none, 1 + COLOURS index
+
+
+def phase_at(frac: float) -> Phase:
+    """The curriculum phase at this fraction of the run."""
+    return next(p for p in CURRICULUM if frac < p.until or p is CURRICULUM[-1])
+
+
+def view_labels(video: SynthVideo, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame (needle, shape, colour) labels of the sampled frames `idx`."""
+    needle = np.isin(idx, list(video.needle.frames))
+    shape = np.zeros(len(idx), dtype=np.int64)
+    colour = np.zeros(len(idx), dtype=np.int64)
+    for ev in video.events:
+        on = np.isin(idx, list(ev.frames))
+        shape[on] = 1 + SHAPES.index(ev.shape)
+        colour[on] = 1 + list(COLOURS).index(ev.colour)
+    return needle, shape, colour
+
+
+def choose_view(video: SynthVideo, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n sampled-frame indices of a long video: a window (may miss the needle) or a
+    time-ordered selection containing the needle and some distractor frames."""
+    if rng.random() < 0.4:
+        start = int(rng.integers(0, video.num_frames - n + 1))
+        return np.arange(start, start + n)
+    picked = list(video.needle.frames)[:n]
+    for ev in video.distractors:
+        if rng.random() < 0.5 and len(picked) + ev.length <= n:
+            picked += list(ev.frames)
+    rest = np.setdiff1d(np.arange(video.num_frames), picked)
+    extra = rng.choice(rest, size=n - len(picked), replace=False)
+    return np.sort(np.concatenate([np.asarray(picked, dtype=np.int64), extra]))
+
+
+def make_clip(phase: Phase, n: int, rng: np.random.Generator, size: tuple[int, int], seed: int | None = None) -> Clip:
+    """A clip of exactly n frames for `phase`; `seed` fixes the video (else drawn from rng)."""
+    seed = int(rng.integers(0, EVAL_SEED_BASE)) if seed is None else seed
+    distractors = int(rng.integers(phase.distractors[0], phase.distractors[1] + 1))
+    if rng.random() < phase.long_views:
+        video = make_video(seed, int(rng.integers(4 * n, MAX_DURATION + 1)), num_distractors=distractors)
+        idx = choose_view(video, n, rng)
+    else:
+        video = make_video(seed, n, num_distractors=min(distractors, n - 1))
+        idx = np.arange(n)
+    question = make_question(video, rng)
+    needle, shape, colour = view_labels(video, idx)
+    return Clip(
+        frames=video.frames(size, idx),
+        times=idx + 0.5,
+        duration=video.duration,
+        question=question.text,
+        answer=question.answer if needle.any() else None,
+        needle=needle,
+        shape=shape,
+        colour=colour,
+    )
+
+
+def augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Light noise and blur, about what H.264 + resizing do to a frame (tests/test_synth.py)."""
+    x = frames.astype(np.float32)
+    if rng.random() < 0.3:  # 1-2-1 blur, both axes
+        x = (np.roll(x, 1, 1) + 2 * x + np.roll(x, -1, 1)) / 4
+        x = (np.roll(x, 1, 2) + 2 * x + np.roll(x, -1, 2)) / 4
+    x += rng.normal(0, rng.uniform(0, 4), size=x.shape).astype(np.float32)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
+class AttributeHeads(nn.Module):
+    """Shape and colour (or none) of a frame, by linear probes on two of its representations:
+    `last`, its surviving token's value at the last layer (what LP-Comp keeps); `vision`,
+    its tokens out of the projector, max-pooled (a direct, position-free signal for the
+    vision stem)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        cfg = backbone.decoder.config
+        last = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        classes = 1 + len(SHAPES) + 1 + len(COLOURS)
+        self.last = nn.Linear(last, classes)
+        self.vision = nn.Linear(cfg.hidden_size, classes)
+
+    @staticmethod
+    def loss(logits: Tensor, shape: Tensor, colour: Tensor) -> Tensor:
+        ns = 1 + len(SHAPES)
+        return F.cross_entropy(logits[..., :ns].flatten(0, -2), shape.flatten()) + F.cross_entropy(
+            logits[..., ns:].flatten(0, -2), colour.flatten()
+        )
+
+
+@dataclass
+class Batch:
+    frames: Tensor  # [B, F, n0, D] embeddings
+    suffix_ids: Tensor  # [B, S]: <user> question <assistant> answer <eos>
+    suffix_valid: Tensor  # [B, S]
+    targets: Tensor  # [B, S] next-token targets, -100 where no loss
+    rows: Tensor  # [B, R] suffix indices of the user's words (padded by repetition)
+    rows_valid: Tensor  # [B, R]
+    answer_pos: Tensor  # [B] suffix index of <assistant> (predicts the answer's first token)
+    needle: Tensor  # [B, F] bool
+    has_needle: Tensor  # [B] bool (answer given)
+    shape: Tensor  # [B, F]
+    colour: Tensor  # [B, F]
+
+
+def answer_ids(backbone, answer: str) -> list[int]:
+    return backbone.tokenizer(answer, add_special_tokens=False)["input_ids"] + [backbone.tokenizer.eos_token_id]
+
+
+def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Batch:
+    """Embed frames (augmented when rng is given) and tokenize the text of a batch of equal-length clips."""
+    dev = backbone.device
+    frames = np.concatenate([c.frames for c in clips])
+    if rng is not None:
+        frames = augment(frames, rng)
+    times = np.concatenate([c.times for c in clips])
+    durations = torch.tensor(np.concatenate([np.full(len(c.times), c.duration) for c in clips]), device=dev)
+    embs = backbone.embed_frames(frames, times, durations).reshape(len(clips), len(clips[0].times), backbone.n0, -1)
+
+    seqs, targets, rows, answer_pos = [], [], [], []
+    for c in clips:
+        q_ids, q_mask = backbone.question_ids(c.question)
+        a_ids = answer_ids(backbone, c.answer) if c.answer is not None else []
+        ids = q_ids.tolist() + a_ids
+        tgt = [-100] * len(ids)
+        for j, a in enumerate(a_ids):  # position len(q)-1+j predicts answer token j
+            tgt[len(q_ids) - 1 + j] = a
+        seqs.append(ids)
+        targets.append(tgt)
+        rows.append(torch.nonzero(q_mask).flatten().tolist())
+        answer_pos.append(len(q_ids) - 1)
+    s, r = max(map(len, seqs)), max(map(len, rows))
+    pad = backbone.tokenizer.pad_token_id
+    return Batch(
+        frames=embs,
+        suffix_ids=torch.tensor([x + [pad] * (s - len(x)) for x in seqs], device=dev),
+        suffix_valid=torch.tensor([[True] * len(x) + [False] * (s - len(x)) for x in seqs], device=dev),
+        targets=torch.tensor([x + [-100] * (s - len(x)) for x in targets], device=dev),
+        rows=torch.tensor([x + [x[0]] * (r - len(x)) for x in rows], device=dev),
+        rows_valid=torch.tensor([[True] * len(x) + [False] * (r - len(x)) for x in rows], device=dev),
+        answer_pos=torch.tensor(answer_pos, device=dev),
+        needle=torch.tensor(np.stack([c.needle for c in clips]), device=dev),
+        has_needle=torch.tensor([c.answer is not None for c in clips], device=dev),
+        shape=torch.tensor(np.stack([c.shape for c in clips]), device=dev),
+        colour=torch.tensor(np.stack([c.colour for c in clips]), device=dev),
+    )
+
+
+def frame_mass(probs: Tensor, rows_valid: Tensor) -> Tensor:
+    """QC-Comp's per-frame attention mass [B, F] from probs [B, H, R, F, n]: summed over
+    the frame's tokens, averaged over heads and the user's question words."""
+    mass = probs.sum(-1).mean(1)  # [B, R, F]
+    w = rows_valid.float()[:, :, None]
+    return (mass * w).sum(1) / w.sum(1)
+
+
+def losses(backbone, heads: AttributeHeads, batch: Batch, comp: CompressionConfig,
+           score_layers: tuple[int, ...]) -> dict[str, Tensor]:
+    """Answer cross-entropy, attribute cross-entropy and relevance loss for one batch."""
+    suffix = backbone.embed_ids(batch.suffix_ids)
+    out = lp_forward(
+        backbone, batch.frames, comp, suffix=suffix, suffix_valid=batch.suffix_valid,
+        prob_rows=batch.rows, prob_layers=score_layers, record_frames=True,
+    )
+    logits = out.logits.float()
+    answer = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
+    if not batch.has_needle.any():  # only windows without the needle: no answer loss
+        answer = logits.sum() * 0
+
+    v_last = out.frame_values[-1][:, :, -1].flatten(2).float()  # [B, F, kvh * hd], the last kept token
+    attr = heads.loss(heads.last(v_last), batch.shape, batch.colour)
+    vision = heads.loss(heads.vision(batch.frames.amax(2).float()), batch.shape, batch.colour)
+
+    rel = []
+    for l in score_layers:
+        mass = frame_mass(out.probs[l], batch.rows_valid)  # [B, F]
+        on_needle = (mass * batch.needle).sum(1)
+        target = torch.where(batch.has_needle, on_needle, 1 - mass.sum(1))
+        rel.append(-torch.log(target.clamp(min=1e-6)).mean())
+    pred = logits[torch.arange(len(logits)), batch.answer_pos].argmax(-1)
+    first = batch.targets[torch.arange(len(logits)), batch.answer_pos]
+    acc = ((pred == first) & batch.has_needle).sum() / batch.has_needle.sum().clamp(min=1)
+    return {"answer": answer, "attr": attr, "vision": vision, "relevance": torch.stack(rel).mean(), "acc": acc.detach()}
+
+
+def objective(parts: dict[str, Tensor], w_attr: float, w_vision: float, w_relevance: float) -> Tensor:
+    """The loss minimised: answer cross-entropy plus the weighted auxiliary losses."""
+    return parts["answer"] + w_attr * parts["attr"] + w_vision * parts["vision"] + w_relevance * parts["relevance"]
+
+
+@torch.no_grad()
+def evaluate(backbone, clips: list[Clip], comp: CompressionConfig, batch_size: int = 16) -> float:
+    """Answer accuracy (greedy first answer token) over all frames of the given clips."""
+    correct = 0
+    for lo in range(0, len(clips), batch_size):
+        batch = collate(backbone, clips[lo : lo + batch_size], None)
+        out = lp_forward(backbone, batch.frames, comp, suffix=backbone.embed_ids(batch.suffix_ids),
+                         suffix_valid=batch.suffix_valid)
+        idx = torch.arange(len(out.logits))
+        pred = out.logits[idx, batch.answer_pos].argmax(-1)
+        correct += int((pred == batch.targets[idx, batch.answer_pos]).sum())
+    return correct / len(clips)
+
+
+def eval_clips(n: int, frames: int, size: tuple[int, int], seed: int = 0) -> list[Clip]:
+    """Held-out whole clips of `frames` frames with 2-5 distractors (the acceptance setting)."""
+    rng = np.random.default_rng(seed)
+    phase = Phase("eval", 1.0, (frames, frames), (2, 5), n, long_views=0.0)
+    return [make_clip(phase, frames, rng, size, seed=EVAL_SEED_BASE + seed * 100_000 + i) for i in range(n)]
+
+
+def vision_tower(backbone) -> nn.Module:
+    """The part `--freeze-vision` freezes: the tiny conv stem or a real VLM's vision tower."""
+    if hasattr(backbone, "stem"):
+        return backbone.stem
+    return backbone.vlm.model.vision_tower
+
+
+def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
+    """A fresh tiny model (random init from TinyConfig + overrides) or a checkpoint to continue from."""
+    from model.tiny import TinyConfig, TinyVLM, build_tokenizer
+
+    torch.manual_seed(seed)
+    if init is None:
+        return TinyVLM(TinyConfig(**(tiny_config or {})), build_tokenizer())
+    from model.backbone import load_backbone
+
+    return load_backbone(init, device="cpu", dtype=torch.float32)
+
+
+def save(backbone, out: Path, record: dict) -> None:
+    """Checkpoint in the backbone's own format + a "trained" record in config.json."""
+    if hasattr(backbone, "save"):
+        backbone.save(out)
+    else:  # real VLM
+        backbone.vlm.save_pretrained(out)
+        backbone.tokenizer.save_pretrained(out)
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["trained"] = record
+    cfg_file.write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def plot_curve(history: list[dict], evals: list[tuple[int, float]], phase_starts: dict[str, int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("answer", "attr", "vision", "relevance"):
+        y = np.array([h[key] for h in history])
+        k = max(1, len(y) // 100)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, label=key)
+    for name, start in phase_starts.items():
+        ax.axvline(start, color="grey", lw=0.5, ls="--")
+        ax.text(start, ax.get_ylim()[1], name, fontsize=7, va="top", rotation=90)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (moving average)")
+    ax.set_yscale("log")
+    ax.legend()
+    if evals:
+        bx.plot(*zip(*evals), marker="o")
+    bx.set_xlabel("step")
+    bx.set_ylabel("accuracy, held-out 64-frame clips")
+    bx.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    ap.add_argument("--steps", type=int, default=6000, help="at most this many steps")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock budget: the run ends (curriculum and LR compressed to fit) when it is used up")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (default: random init)")
+    ap.add_argument("--tiny-config", type=json.loads, default=None,
+                    help='TinyConfig overrides for a random init, JSON, e.g. \'{"hidden_size": 64}\'')
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--no-lpcomp", action="store_true", help="train without compression (comparison)")
+    ap.add_argument("--w-attr", type=float, default=0.5, help="weight of the attribute loss")
+    ap.add_argument("--w-vision", type=float, default=0.5, help="weight of the attribute loss on the projector output")
+    ap.add_argument("--w-relevance", type=float, default=0.5, help="weight of the relevance loss")
+    ap.add_argument("--freeze-vision", action="store_true", help="real checkpoints: tune projector + LLM only")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-clips", type=int, default=64)
+    ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--checkpoint-dir", type=Path, default=None, help="periodic checkpoints (default: --out)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tqdm import tqdm
+
+    try:
+        backbone = new_backbone(args.init, args.seed, args.tiny_config).train()
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"cannot build the model (--init {args.init}, --tiny-config {args.tiny_config}): {e}") from None
+    if args.freeze_vision:
+        for p in vision_tower(backbone).parameters():
+            p.requires_grad_(False)
+    comp = CompressionConfig(enabled=not args.no_lpcomp)
+    score_layers = IndexConfig().resolved_score_layers(backbone.num_layers)
+    heads = AttributeHeads(backbone).to(backbone.device)
+    params = [p for p in list(backbone.parameters()) + list(heads.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    rng = np.random.default_rng(args.seed)
+    size = backbone.image_size
+    held_out = eval_clips(args.eval_clips, 64, size, seed=args.seed)
+    ckpt_dir = args.checkpoint_dir or args.out
+    command = "python -m model.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    history, evals, phase_starts = [], [], {}
+    clock = Progress(args.steps, args.minutes)
+
+    def record(step: int) -> dict:
+        return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
+                "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,
+                "minutes": round(clock.elapsed() / 60, 1)}
+
+    bar = tqdm(total=args.steps, disable=args.no_progress, mininterval=5)
+    step = 0
+    while (frac := clock.fraction(step)) < 1.0:
+        phase = phase_at(frac)
+        phase_starts.setdefault(phase.name, step)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * lr_factor(frac, step)
+        n = int(rng.integers(phase.frames[0], phase.frames[1] + 1))
+        batch = collate(backbone, [make_clip(phase, n, rng, size) for _ in range(phase.batch)], rng)
+        parts = losses(backbone, heads, batch, comp, score_layers)
+        loss = objective(parts, args.w_attr, args.w_vision, args.w_relevance)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        history.append({"step": step, **{k: float(v.detach()) for k, v in parts.items()}})
+        bar.update()
+        bar.set_postfix(phase=phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
+                        rel=f"{history[-1]['relevance']:.2f}", refresh=False)
+        if step % args.eval_every == 0:
+            run_eval(backbone, held_out, comp, step, phase, history, evals)
+        if step % args.save_every == 0:
+            save(backbone, ckpt_dir, record(step))
+            plot_curve(history, evals, phase_starts, ckpt_dir / "loss_curve.png")
+    bar.close()
+    if not evals or evals[-1][0] != step:
+        run_eval(backbone, held_out, comp, step, phase, history, evals)
+    save(backbone, args.out, record(step))
+    plot_curve(history, evals, phase_starts, args.out / "loss_curve.png")
+    (args.out / "train_log.json").write_text(
+        json.dumps({"evals": evals, "history": history[:: max(1, len(history) // 1000)]}) + "\n"
+    )
+    return {"history": history, "evals": evals, "steps": step}
+
+
+class Progress:
+    """Fraction of the run done: steps taken, or wall-clock minutes used if a budget is
+    set, whichever is further. The curriculum and learning rate follow it, so a run on
+    a busy machine still goes through every phase before its time is up."""
+
+    def __init__(self, steps: int, minutes: float | None):
+        self.steps, self.minutes = steps, minutes
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def fraction(self, step: int) -> float:
+        frac = step / self.steps
+        if self.minutes:
+            frac = max(frac, self.elapsed() / (60 * self.minutes))
+        return frac
+
+
+def lr_factor(frac: float, step: int, warmup: int = 100) -> float:
+    """Linear warm-up over the first steps, then cosine decay to 10% at the end of the run."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def run_eval(backbone, held_out, comp, step, phase, history, evals) -> None:
+    backbone.eval()
+    evals.append((step, evaluate(backbone, held_out, comp)))
+    backbone.train()
+    recent = history[-100:]
+    print(f"step {step} phase {phase.name} eval_acc_64 {evals[-1][1]:.3f} "
+          f"answer {np.mean([h['answer'] for h in recent]):.3f} attr {np.mean([h['attr'] for h in recent]):.3f} "
+          f"vision {np.mean([h['vision'] for h in recent]):.3f} "
+          f"relevance {np.mean([h['relevance'] for h in recent]):.3f}", flush=True)
+
+if __name__ == "__main__":
+    main()
