@@ -291,7 +291,7 @@ class Catalog:
             self.frames.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
             .distance_type(VECTOR_METRIC)
             .where(where, prefilter=True)
-            .select(["video_id", "frame", "timestamp", "window"])
+            .select(["video_id", "frame", "timestamp", "window", "_distance"])
             .refine_factor(REFINE_FACTOR)
             .limit(limit)
         )
