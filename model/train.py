@@ -10,10 +10,10 @@ needs two auxiliary signals to get past the answer prior (docs/TRAINING.md):
 - attribute loss: linear heads read each frame's surviving token at the last layer
   (its value vector, what the question actually reads there) and predict the frame's
   shape and colour (or "none"), so content is carried into the one kept token;
-- relevance loss: at the QC-Comp scoring layers, the attention mass of the user's
-  question words on the needle frames' tokens is pushed toward 1 (and, for clips that
-  miss the needle, the mass on all frames toward 0). This is the score QC-Comp ranks
-  frames by, so it trains frame selection itself.
+- relevance loss: at the QC-Comp scoring layers, the attention mass of the question's
+  last words (which follow every attribute word) on the needle frames' tokens is pushed
+  toward 1 (and, for clips that miss the needle, the mass on all frames toward 0). This
+  is the score QC-Comp ranks frames by, so it trains frame selection itself.
 
 Curriculum (`CURRICULUM`): readout first (1-4 frames, 0-1 distractors, no retrieval
 needed), then longer clips with more distractors. Clips are views of synthetic videos
@@ -47,6 +47,10 @@ from model.synth import COLOURS, SHAPES, SynthVideo, make_question, make_video
 
 MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
 EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
+# The relevance loss reads the last user words only ("... cross ?"): they come after every
+# attribute word, so they can know which frame is meant; earlier words ("what", "is") cannot,
+# and pushing them toward the needle only taught "look at any event".
+RELEVANCE_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class Batch:
     suffix_ids: Tensor  # [B, S]: <user> question <assistant> answer <eos>
     suffix_valid: Tensor  # [B, S]
     targets: Tensor  # [B, S] next-token targets, -100 where no loss
-    rows: Tensor  # [B, R] suffix indices of the user's words (padded by repetition)
+    rows: Tensor  # [B, R] suffix indices of the user's last RELEVANCE_ROWS words (padded by repetition)
     rows_valid: Tensor  # [B, R]
     answer_pos: Tensor  # [B] suffix index of <assistant> (predicts the answer's first token)
     needle: Tensor  # [B, F] bool
@@ -209,7 +213,7 @@ def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Bat
             tgt[len(q_ids) - 1 + j] = a
         seqs.append(ids)
         targets.append(tgt)
-        rows.append(torch.nonzero(q_mask).flatten().tolist())
+        rows.append(torch.nonzero(q_mask).flatten().tolist()[-RELEVANCE_ROWS:])
         answer_pos.append(len(q_ids) - 1)
     s, r = max(map(len, seqs)), max(map(len, rows))
     pad = backbone.tokenizer.pad_token_id
@@ -229,8 +233,8 @@ def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Bat
 
 
 def frame_mass(probs: Tensor, rows_valid: Tensor) -> Tensor:
-    """QC-Comp's per-frame attention mass [B, F] from probs [B, H, R, F, n]: summed over
-    the frame's tokens, averaged over heads and the user's question words."""
+    """Per-frame attention mass [B, F] from probs [B, H, R, F, n]: summed over the frame's
+    tokens, averaged over heads and the valid rows (QC-Comp's score, up to the 1 / n(l))."""
     mass = probs.sum(-1).mean(1)  # [B, R, F]
     w = rows_valid.float()[:, :, None]
     return (mass * w).sum(1) / w.sum(1)
@@ -361,6 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="wall-clock budget: the run ends (curriculum and LR compressed to fit) when it is used up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", default=None, help="continue from this checkpoint (default: random init)")
+    ap.add_argument("--start-fraction", type=float, default=0.0,
+                    help="with --init: resume the curriculum and LR schedule at this fraction of a run")
     ap.add_argument("--tiny-config", type=json.loads, default=None,
                     help='TinyConfig overrides for a random init, JSON, e.g. \'{"hidden_size": 64}\'')
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -378,6 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.start_fraction < 1:
+        ap.error(f"--start-fraction must be in [0, 1), got {args.start_fraction}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -406,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = args.checkpoint_dir or args.out
     command = "python -m model.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     history, evals, phase_starts = [], [], {}
-    clock = Progress(args.steps, args.minutes)
+    clock = Progress(args.steps, args.minutes, args.start_fraction)
 
     def record(step: int) -> dict:
         return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
@@ -454,8 +462,8 @@ class Progress:
     set, whichever is further. The curriculum and learning rate follow it, so a run on
     a busy machine still goes through every phase before its time is up."""
 
-    def __init__(self, steps: int, minutes: float | None):
-        self.steps, self.minutes = steps, minutes
+    def __init__(self, steps: int, minutes: float | None, start: float = 0.0):
+        self.steps, self.minutes, self.start = steps, minutes, start
         self.started = time.time()
 
     def elapsed(self) -> float:
@@ -465,7 +473,7 @@ class Progress:
         frac = step / self.steps
         if self.minutes:
             frac = max(frac, self.elapsed() / (60 * self.minutes))
-        return frac
+        return self.start + (1 - self.start) * frac
 
 
 def lr_factor(frac: float, step: int, warmup: int = 100) -> float:
