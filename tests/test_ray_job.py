@@ -71,7 +71,7 @@ def test_multi_node_gpu_placement_and_node_loss(tmp_path):
         src2 = archive(tmp_path / "b", videos=6)
         cfg2 = IngestConfig(source=str(src2), index=str(tmp_path / "idx2"), index_cfg=INDEX_CFG, progress=False)
         result: dict = {}
-        runner = threading.Thread(target=lambda: result.update(summary=ingest(cfg2)))
+        runner = threading.Thread(target=lambda: result.update(summary=ingest(cfg2)), daemon=True)
         runner.start()
         objects = tmp_path / "idx2" / "objects"
         deadline = time.monotonic() + 300
