@@ -74,7 +74,7 @@ def written_bytes_per_frame(s: Shape, dtype: torch.dtype, quant: str, frames: in
     values = [torch.randn(frames, n, s.kv_heads, s.head_dim, generator=g) for n in s.schedule]
     kv = WindowKV(keys, values, kept=[])  # kept indices are not stored
     emb = torch.randn(frames, s.n0, s.hidden, generator=g)
-    blob = write_window(kv, emb, np.arange(frames, dtype=np.float64), float(frames), model_fp="bench",
+    blob = write_window(kv, emb, np.arange(frames, dtype=np.float64), float(frames), model_fp="bench", revision="bench",
                         fast_layers=s.fast_layers, quant=quant, dtype=dtype)
     return len(blob) / frames
 

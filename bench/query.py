@@ -68,7 +68,7 @@ def build_video(bb, frames: int, fast_layers: tuple[int, ...], seed: int = 0, ba
             for i, (emb, kv) in enumerate(zip(chunk, prefill_windows(bb, chunk, COMP))):
                 first = (start + i) * WINDOW
                 blobs.append(write_window(kv, emb, times[first : first + len(emb)], float(frames),
-                                          model_fp="bench", fast_layers=fast_layers))
+                                          model_fp="bench", revision=bb.revision, fast_layers=fast_layers))
     return Video(blobs, embs)
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: window objects record the model revision that wrote them
 KEEP_POLICIES = ("suffix", "uniform", "keynorm")
 
 
@@ -76,8 +76,11 @@ class SamplingConfig:
     fps: float = 1.0
     max_frames: int | None = None
     strategy: str = "middle"  # middle of each 1/fps interval (VideoChat-Flash) | uniform
+    seek_mode: str = "exact"  # exact frames | keyframe (nearest keyframe: approximate, much faster)
 
     def __post_init__(self) -> None:
+        if self.seek_mode not in ("exact", "keyframe"):
+            raise ValueError(f"unknown seek mode {self.seek_mode!r}; choose exact or keyframe")
         if self.fps <= 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.strategy not in ("middle", "uniform"):

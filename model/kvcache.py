@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _HEADER_PREFETCH = 16 * 1024  # covers length + header of a 64-frame unquantised window
 _MAX_HEADER = 64 * 1024 * 1024
 _META_FIELDS = (
-    "format_version", "model_fp", "schedule", "n0", "kv_heads", "head_dim",
+    "format_version", "model_fp", "revision", "schedule", "n0", "kv_heads", "head_dim",
     "fast_layers", "times", "duration", "dtype", "quant", "sha256",
 )
 
@@ -75,6 +76,7 @@ class WindowMeta:
 
     format_version: int
     model_fp: str
+    revision: str  # the weights that computed this KV (Backbone.revision)
     schedule: list[int]
     n0: int
     kv_heads: int
@@ -114,6 +116,7 @@ def write_window(
     duration: float,
     *,
     model_fp: str,
+    revision: str,
     fast_layers: Sequence[int],
     quant: str = "none",
     dtype: torch.dtype | None = None,
@@ -168,6 +171,7 @@ def write_window(
     meta = {
         "format_version": FORMAT_VERSION,
         "model_fp": model_fp,
+        "revision": revision,
         "schedule": schedule,
         "n0": emb.shape[1],
         "kv_heads": kvh,
@@ -334,6 +338,10 @@ class WindowReader:
                 shape = tuple(int(x) for x in info["shape"])
             except (KeyError, TypeError, ValueError):
                 raise CacheError(self.name, f"tensor {tname!r} has an unreadable header entry {info!r}") from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not 0 <= begin <= end or end - begin != nbytes or any(d < 0 for d in shape):
+                raise CacheError(self.name, f"tensor {tname!r}: offsets {begin}..{end} do not hold "
+                                            f"{info['dtype']} {list(shape)} ({nbytes} bytes): corrupt header")
             entries[tname] = _Entry(dtype, shape, data_start + begin, data_start + end)
         if not entries:
             raise CacheError(self.name, "object holds no tensors")

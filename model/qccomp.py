@@ -106,7 +106,8 @@ class FrameScores:
 
 
 def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
-    """Refuse objects written by another model shape or mixed from two indexes, naming the object."""
+    """Refuse objects written by another model (shape or weights) or mixed from two indexes,
+    naming the object: KV from other weights would give a silently wrong answer."""
     if not readers:
         raise ValueError("no cached windows to score: the video has no window objects")
     dec = backbone.decoder
@@ -117,6 +118,9 @@ def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
         if got != want:
             raise CacheError(r.name, f"(layers, n0, kv_heads, head_dim) = {got} but the model has {want}: "
                                      "written by another model")
+        if m.revision != backbone.revision:
+            raise CacheError(r.name, f"written by model revision {m.revision}, but the loaded model is revision "
+                                     f"{backbone.revision}: re-index, or load the model that wrote it")
         if (m.model_fp, m.schedule) != (readers[0].meta.model_fp, readers[0].meta.schedule):
             raise CacheError(r.name, f"model fingerprint/schedule differ from {readers[0].name}'s: "
                                      "objects of different indexes mixed in one video")

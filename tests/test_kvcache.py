@@ -64,7 +64,7 @@ def tensor_span(blob: bytes, tname: str) -> tuple[int, int]:
 
 
 def write(kv, emb, times, **kw) -> bytes:
-    return write_window(kv, emb, times, duration=10.0, model_fp="fp123", fast_layers=FAST, **kw)
+    return write_window(kv, emb, times, duration=10.0, model_fp="fp123", revision="rev123", fast_layers=FAST, **kw)
 
 
 def test_lossless_round_trip_full_and_range_reads():
@@ -281,6 +281,24 @@ def test_bad_header_and_foreign_objects_are_clear_errors():
         reader.frame_kv(FRAMES)
 
 
+def test_header_entries_that_do_not_fit_their_bytes_are_refused():
+    """A tampered header (per-tensor digests live inside it) is a named error, never a
+    reshape crash or a silently misread tensor."""
+    kv, emb, times = make_window()
+    blob = write(kv, emb, times)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    for tname, field, value in (("emb", "dtype", "I8"), (f"score.k{FAST[0]}", "shape", [3, 2, 1, 4])):
+        bad = json.loads(json.dumps(header))
+        bad[tname][field] = value
+        raw = json.dumps(bad, separators=(",", ":")).encode()
+        assert len(raw) <= n
+        raw = raw.ljust(n)  # same header length: only the entry changed
+        tampered = blob[:8] + raw + blob[8 + n :]
+        with pytest.raises(CacheError, match=f"{NAME}: tensor '{tname}'.*corrupt header"):
+            reader_from_bytes(tampered, NAME)
+
+
 def test_writer_rejects_inconsistent_input():
     kv, emb, times = make_window()
     with pytest.raises(ValueError, match="times must have one entry per frame"):
@@ -291,4 +309,4 @@ def test_writer_rejects_inconsistent_input():
     with pytest.raises(ValueError, match="unknown quant"):
         write(kv, emb, times, quant="int4")
     with pytest.raises(ValueError, match="fast_layers"):
-        write_window(kv, emb, times, 10.0, model_fp="x", fast_layers=(9,))
+        write_window(kv, emb, times, 10.0, model_fp="x", revision="r", fast_layers=(9,))

@@ -9,6 +9,8 @@ encoded by the real WindowEncoder and read back through WindowReader. fp32 throu
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -205,7 +207,7 @@ def plant_needle(bb, reader, frame: int, question: str, layers, strength: float 
         keys[l][frame] = rotate(dec, target.expand(1, n, kvh, hd), -pos[None])[0]
     m = reader.meta
     blob = write_window(WindowKV(keys, values, kept=[]), reader.embeddings(), m.times, m.duration,
-                        model_fp=m.model_fp, fast_layers=m.fast_layers, quant=m.quant)
+                        model_fp=m.model_fp, revision=m.revision, fast_layers=m.fast_layers, quant=m.quant)
     return reader_from_bytes(blob, reader.name)
 
 
@@ -243,6 +245,10 @@ def test_bad_inputs_are_named(llava_dir):
         score_frames(bb, readers, QUESTION["tiny"], "fast", score_layers=[0])
     with pytest.raises(ValueError, match="k must be >= 1"):
         score_frames(bb, readers, QUESTION["tiny"], "fast").top_k(0)
+    retrained = copy.copy(bb)
+    retrained.revision = "0" * 16
+    with pytest.raises(CacheError, match="w000000.*revision .* loaded model is revision 0{16}"):
+        score_frames(retrained, readers, QUESTION["tiny"], "fast")
     other = make_encoder("llava", ON, window=4, llava_dir=llava_dir)
     with pytest.raises(CacheError, match="w000000.*written by another model"):
         score_frames(other.backbone, readers, QUESTION["tiny"], "exact")
