@@ -41,7 +41,7 @@ import numpy as np
 import ray
 
 from model.config import IndexConfig
-from pipeline.catalog import Catalog, FrameBatch, VideoRow, WindowRow
+from pipeline.catalog import Catalog, CatalogError, FrameBatch, VideoRow, WindowRow
 from pipeline.decode import decode_frames
 from pipeline.errors import VideoError
 from pipeline.probe import VideoInfo, probe
@@ -67,7 +67,6 @@ class IngestConfig:
     encode_cpus: float = 0.5  # CPUs each encode actor holds on CPU-only clusters
     encode_batch: int = 1  # windows per WindowEncoder.encode call
     decode_cpus: float = 1.0
-    seek_mode: str = "exact"
     glob: str | None = None
     endpoint_url: str | None = None  # S3-compatible endpoint (else boto3's own resolution)
     retry_failed: bool = False  # re-attempt videos the catalog has as `failed`
@@ -253,7 +252,7 @@ def _dataset(cfg: IngestConfig, todo: list[_Todo], model_fp: str, image_size: tu
         ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         .flat_map(plan_video, fn_kwargs={"cfg": cfg.index_cfg, **common}, num_cpus=0.25)
         .repartition(target_num_rows_per_block=1)  # one window per block: parallel decode
-        .map(decode_window, fn_kwargs={"size": image_size, "seek_mode": cfg.seek_mode, **common},
+        .map(decode_window, fn_kwargs={"size": image_size, "seek_mode": cfg.index_cfg.sampling.seek_mode, **common},
              num_cpus=cfg.decode_cpus)
         .map_batches(EncodeActor, fn_constructor_kwargs={"model": cfg.model, "cfg": cfg.index_cfg, "model_fp": model_fp,
                                                          "threads": max(1, round(resources["num_cpus"]))},
@@ -319,8 +318,6 @@ def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None) -> list[d
         plans = plan_windows(sample_times(info, cfg.sampling), cfg.window)
     except VideoError as e:  # name the source, not a temp copy of it
         return [_row(item, VIDEO, error=f"{item['uri']}: {e.reason}")]
-    except SourceError as e:
-        return [_row(item, VIDEO, error=str(e))]
     except ValueError as e:  # sample_times: no usable duration
         return [_row(item, VIDEO, error=f"{item['uri']}: {e}")]
     info_json = json.dumps({k: v for k, v in asdict(info).items() if k != "frame_times"})
@@ -345,9 +342,6 @@ def decode_window(row: dict, size: tuple[int, int], seek_mode: str, endpoint_url
                                 size=tuple(size), seek_mode=seek_mode, info=info)
     except VideoError as e:
         row["error"] = f"{row['uri']}: window {row['index']}: {e.reason}"
-        return row
-    except SourceError as e:
-        row["error"] = str(e)
         return row
     row.update(frames=decoded.frames, thumbnails=[thumbnail(f) for f in decoded.frames], lost=int(decoded.lost))
     return row
@@ -520,9 +514,12 @@ class _CatalogWriter:
         state = self.videos.pop(vid)
         self.pending = [r for r in self.pending if r["video_id"] != vid]
         if state.planned and not state.error and len(state.written) >= state.row.windows:
-            self.catalog.mark_ready(vid, self.model_fp)
-            self.summary.ready += 1
-            return
+            try:
+                self.catalog.mark_ready(vid, self.model_fp)
+                self.summary.ready += 1
+                return
+            except CatalogError as e:  # recorded rows disagree with the plan: this video fails, the run goes on
+                state.error = f"{state.row.uri}: {e}"
         reason = state.error or (f"{state.row.uri}: only {len(state.written)} of {state.row.windows} windows "
                                  "written" if state.planned else f"{state.row.uri}: never planned")
         self.catalog.mark_failed(vid, self.model_fp, reason)

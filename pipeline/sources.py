@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -111,7 +112,10 @@ def _list_local(root: str, exts: set[str] | None) -> list[tuple[str, SourceVideo
             if name.startswith(".") or not _has_ext(name, exts):
                 continue
             full = os.path.join(dirpath, name)
-            found.append((os.path.relpath(full, path).replace(os.sep, "/"), _stat_local(full)))
+            try:
+                found.append((os.path.relpath(full, path).replace(os.sep, "/"), _stat_local(full)))
+            except SourceError as e:  # a dangling link or a file gone since the walk: skip it, not the run
+                warnings.warn(str(e), stacklevel=2)
     return sorted(found, key=lambda item: item[0])
 
 

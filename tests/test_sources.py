@@ -51,6 +51,14 @@ def test_local_folder_is_walked_recursively_and_filtered(tmp_path):
         list_sources("http://example.com/v.mp4")
 
 
+def test_a_dangling_link_is_skipped_with_a_warning_not_the_listing(tmp_path):
+    _write(tmp_path / "a.mp4", b"1")
+    os.symlink(tmp_path / "deleted.mp4", tmp_path / "b.mp4")
+    with pytest.warns(UserWarning, match="b.mp4: cannot stat"):
+        srcs = list_sources(str(tmp_path))
+    assert [s.uri for s in srcs] == [str(tmp_path / "a.mp4")]
+
+
 def test_local_video_id_follows_content_not_name(tmp_path):
     data = os.urandom(BIG)
     _write(tmp_path / "orig.mp4", data)
