@@ -161,7 +161,7 @@ class AttributeHeads(nn.Module):
     def __init__(self, backbone):
         super().__init__()
         cfg = backbone.decoder.config
-        last = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+        last = cfg.num_key_value_heads * backbone.decoder.layers[0].self_attn.head_dim
         classes = 1 + len(SHAPES) + 1 + len(COLOURS)
         self.last = nn.Linear(last, classes)
         self.vision = nn.Linear(cfg.hidden_size, classes)
@@ -306,12 +306,12 @@ def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
     """A fresh tiny model (random init from TinyConfig + overrides) or a checkpoint to continue from."""
     from model.tiny import TinyConfig, TinyVLM, build_tokenizer
 
-    torch.manual_seed(seed)
-    if init is None:
-        return TinyVLM(TinyConfig(**(tiny_config or {})), build_tokenizer())
-    from model.backbone import load_backbone
+    from model.backbone import load_backbone, pick_device_dtype
 
-    return load_backbone(init, device="cpu", dtype=torch.float32)
+    torch.manual_seed(seed)
+    if init is None:  # fp32 master weights; CUDA when there is one
+        return TinyVLM(TinyConfig(**(tiny_config or {})), build_tokenizer()).to(pick_device_dtype()[0])
+    return load_backbone(init, dtype=torch.float32)
 
 
 def save(backbone, out: Path, record: dict) -> None:

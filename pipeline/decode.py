@@ -91,12 +91,15 @@ def decode_frames(
     seek_mode: str = "exact",
     workers: int = 1,
     info: VideoInfo | None = None,
+    threads: int | None = None,
 ) -> DecodedFrames:
     """Decode the frames shown at `times` (seconds from the stream start) from `path`.
 
     size: output (height, width) after rotation, or None for the stored size (rotated).
     workers: processes decoding keyframe-aligned chunks in parallel.
     info: the probe of `path`, if the caller already has it.
+    threads: FFmpeg threads per worker; default this machine's CPUs / workers. A Ray task
+    passes the CPUs it holds, since Ray does not narrow a task's CPU affinity.
     """
     path = os.fspath(path)
     times = _check_arguments(path, times, size, seek_mode, workers)
@@ -115,7 +118,7 @@ def decode_frames(
 
     segments = _segments(start_times, target_times)
     costs = [_cost(info.frame_times, s) for s in segments]
-    threads = max(1, _cpu_count() // workers)
+    threads = threads or max(1, _cpu_count() // workers)
     jobs = [
         ChunkJob(path, tuple(chunk), size, info.rotation, info.start_time, threads, seek_mode == "keyframe")
         for chunk in _split(segments, costs, workers)

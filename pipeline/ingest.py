@@ -252,7 +252,8 @@ def _dataset(cfg: IngestConfig, todo: list[_Todo], model_fp: str, image_size: tu
         ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         .flat_map(plan_video, fn_kwargs={"cfg": cfg.index_cfg, **common}, num_cpus=0.25)
         .repartition(target_num_rows_per_block=1)  # one window per block: parallel decode
-        .map(decode_window, fn_kwargs={"size": image_size, "seek_mode": cfg.index_cfg.sampling.seek_mode, **common},
+        .map(decode_window, fn_kwargs={"size": image_size, "seek_mode": cfg.index_cfg.sampling.seek_mode,
+                                           "threads": max(1, round(cfg.decode_cpus)), **common},
              num_cpus=cfg.decode_cpus)
         .map_batches(EncodeActor, fn_constructor_kwargs={"model": cfg.model, "cfg": cfg.index_cfg, "model_fp": model_fp,
                                                          "threads": max(1, round(resources["num_cpus"]))},
@@ -329,7 +330,7 @@ def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None) -> list[d
     return rows
 
 
-def decode_window(row: dict, size: tuple[int, int], seek_mode: str, endpoint_url: str | None) -> dict:
+def decode_window(row: dict, size: tuple[int, int], seek_mode: str, threads: int, endpoint_url: str | None) -> dict:
     """Decode a window's frames at the model's size (plus thumbnails for the catalog);
     a decode error becomes the row's `error`."""
     frame_times = np.asarray(row.pop("frame_times"), dtype=np.float64)
@@ -339,7 +340,7 @@ def decode_window(row: dict, size: tuple[int, int], seek_mode: str, endpoint_url
     try:
         info = VideoInfo(**json.loads(row["info"]), frame_times=frame_times)
         decoded = decode_frames(_copies.path(_source(row), endpoint_url), np.asarray(row["times"]),
-                                size=tuple(size), seek_mode=seek_mode, info=info)
+                                size=tuple(size), seek_mode=seek_mode, info=info, threads=threads)
     except VideoError as e:
         row["error"] = f"{row['uri']}: window {row['index']}: {e.reason}"
         return row
@@ -435,13 +436,13 @@ class _VideoState:
 class _CatalogWriter:
     """Turns output rows into catalog rows; a video is finished once all its windows are in.
 
-    Window rows are buffered and recorded `flush_every` at a time or every `flush_seconds`,
-    whichever comes first (each LanceDB write is a commit); a video is marked ready only
-    after the flush that completes it.
+    Window rows are recorded as they arrive (`flush_every` 1: each is a LanceDB commit), so
+    a killed run redoes only the windows in flight; a video is marked ready only after the
+    flush that completes it.
     """
 
     def __init__(self, catalog: Catalog, model_fp: str, summary: RunSummary, todo: list[_Todo],
-                 flush_every: int = 32, flush_seconds: float = 2.0):
+                 flush_every: int = 1, flush_seconds: float = 2.0):
         self.catalog, self.model_fp, self.summary = catalog, model_fp, summary
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.last_flush = time.monotonic()
