@@ -130,11 +130,11 @@ def _list_s3(uri: str, exts: set[str] | None, endpoint_url: str | None) -> list[
         )
         for page in pages:
             for obj in page.get("Contents", ()):
-                key = obj["Key"]
-                if key.endswith("/") or not _has_ext(key, exts):
+                obj_key = obj["Key"]
+                if obj_key.endswith("/") or not _has_ext(obj_key, exts):
                     continue
-                src = SourceVideo(uri=f"s3://{bucket}/{key}", size=int(obj["Size"]), etag=obj["ETag"].strip('"'))
-                found.append((key[len(prefix):], src))
+                src = SourceVideo(uri=f"s3://{bucket}/{obj_key}", size=int(obj["Size"]), etag=obj["ETag"].strip('"'))
+                found.append((obj_key[len(prefix):], src))
     except Exception as e:
         raise SourceError(uri, f"cannot list: {s3_error_reason(e)[1]}") from None
     if not found and key and not key.endswith("/"):
