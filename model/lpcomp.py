@@ -91,6 +91,7 @@ def lp_forward(
     prob_layers: tuple[int, ...] = (),
     record_frames: bool = False,
     logits: bool = True,
+    keep_past: bool = True,
 ) -> LPOutput:
     """Decoder forward over [prefix | frames | suffix] with the LP-Comp schedule active.
 
@@ -99,6 +100,8 @@ def lp_forward(
     empty). prob_rows: LongTensor [R] or [B, R] of suffix indices whose attention to the
     frame tokens is returned for `prob_layers`. record_frames: keep the per-layer
     pre-RoPE keys, values and kept indices of the frame tokens (what the cache stores).
+    keep_past: return every layer's rotated K/V in `past` (to continue decoding); the
+    ingest prefill turns it off so it does not hold a second copy of the window's KV.
     """
     dec = backbone.decoder
     num_layers = len(dec.layers)
@@ -143,7 +146,8 @@ def lp_forward(
             out.frame_keys.append(fk)
             out.frame_values.append(res.values[:, p : p + f * n].reshape(b, f, n, *res.values.shape[2:]))
             out.kept.append(kept)
-        out.past.append(LayerKV(res.keys_rot, res.values, valid))
+        if keep_past:  # only callers that keep decoding need every layer's rotated KV
+            out.past.append(LayerKV(res.keys_rot, res.values, valid))
         if res.probs is not None:
             out.probs[l] = res.probs[..., p : p + f * n].reshape(*res.probs.shape[:3], f, n)
         prefix_h, frame_h, suffix_h = res.hidden.split([p, f * n, s], 1)
@@ -171,7 +175,8 @@ def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig)
     counts = [e.shape[0] for e in frame_embs]
     frames = torch.nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
     frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(counts, device=frames.device)[:, None]
-    out = lp_forward(backbone, frames, comp, frame_valid=frame_valid, record_frames=True, logits=False)
+    out = lp_forward(backbone, frames, comp, frame_valid=frame_valid, record_frames=True, logits=False,
+                     keep_past=False)
     return [
         WindowKV(
             keys=[k[i, :c] for k in out.frame_keys],
