@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.errors import VideoError
-from pipeline.store import parse_s3_uri, s3_client, s3_error_reason
+from pipeline.store import MISSING_CODES, parse_s3_uri, s3_client, s3_error_reason
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".flv", ".wmv", ".3gp"}
@@ -151,7 +151,7 @@ def _stat_s3(uri: str, endpoint_url: str | None) -> SourceVideo:
         head = s3_client(endpoint_url).head_object(Bucket=bucket, Key=key)
     except Exception as e:
         code, reason = s3_error_reason(e)
-        raise SourceError(uri, "no such object" if code in ("404", "NoSuchKey") else reason) from None
+        raise SourceError(uri, "no such object" if code in MISSING_CODES else reason) from None
     return SourceVideo(uri=uri, size=int(head["ContentLength"]), etag=head["ETag"].strip('"'))
 
 
@@ -215,7 +215,7 @@ def _read_s3_object(uri: str, endpoint_url: str | None, byte_range: tuple[int, i
 
 def _read_failure(err: Exception) -> str:
     code, reason = s3_error_reason(err)
-    if code in ("404", "NoSuchKey"):
+    if code in MISSING_CODES:
         return "no such object"
     if code in ("412", "PreconditionFailed"):
         return "changed since it was listed (ETag differs)"

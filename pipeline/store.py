@@ -231,7 +231,7 @@ def s3_error_reason(err: Exception) -> tuple[str, str]:
     return code, f"{code}: {message}"
 
 
-_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 
 
 class S3Store:
@@ -267,7 +267,7 @@ class S3Store:
 
     def _error(self, key: str, err: Exception) -> StoreError:
         code, reason = s3_error_reason(err)
-        if code in _MISSING_CODES:
+        if code in MISSING_CODES:
             return ObjectNotFound(key, f"not found in {self.uri}")
         return StoreError(key, reason)
 
