@@ -37,7 +37,7 @@ bench: setup
 	$(PY) -m bench.cache
 	$(PY) -m bench.query
 	$(PY) -m bench.ingest
-	$(PY) -m bench.needle --quick --model model/checkpoints/tiny-wip
+	$(PY) -m bench.needle
 
 clean:
 	rm -rf demo-index demo-archive bench/scratch

@@ -16,6 +16,9 @@ Methods (rows), all on the same questions:
   (the LP-Comp comparison at the same frames);
 - full: every frame through the LP-Comp forward, no cache (where it fits: <= 256 frames by default),
   LP-Comp on and off.
+The LP-Comp-off rows run the same model without compression, or, with `--off-model DIR`,
+a model trained without it (`python -m model.train --no-lpcomp`) on its own embeddings
+of the same frames: a model trained with compression never saw uncompressed layers.
 Columns: accuracy, needle recall (a needle frame among those answered over), seconds
 per question. The floor printed for uniform-K is what chance plus its recall predicts:
 recall * (accuracy with the needle in view) + (1 - recall) * chance.
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from model.answer import answer_cached, answer_embeddings
+from model.backbone import load_backbone
 from model.ask import read_selected_kv, read_selected_embeddings
 from model.config import CompressionConfig, IndexConfig
 from model.encoder import WindowEncoder, WindowInput
@@ -96,8 +100,9 @@ def correct(text: str, answer: str) -> bool:
 
 
 def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[int, ...], full_max: int,
-               rng: np.random.Generator) -> dict[str, Tally]:
+               rng: np.random.Generator, off_model=None) -> dict[str, Tally]:
     bb = encoder.backbone
+    bb_off = off_model or bb
     on, off = CompressionConfig(enabled=True), CompressionConfig(enabled=False)
     tallies: dict[str, Tally] = {}
 
@@ -108,6 +113,10 @@ def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[in
     for v in range(videos):
         video = make_video(SEED_BASE + frames * 10_000 + v, frames)
         readers, embs = build_cache(encoder, video)
+        embs_off = embs
+        if off_model is not None:
+            with torch.inference_mode():
+                embs_off = off_model.embed_frames(video.frames(off_model.image_size), video.times(), video.duration)
         needle = set(video.needle.frames)
         for kind in QUESTION_KINDS:
             q = make_question(video, rng, kind)
@@ -115,6 +124,7 @@ def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[in
                 t0 = time.perf_counter()
                 ctx = QuestionContext.build(bb, q.text)
                 t_ctx = time.perf_counter() - t0
+                ctx_off = ctx if off_model is None else QuestionContext.build(bb_off, q.text)
                 for k in ks:
                     idx = uniform_frames(frames, k)
                     t0 = time.perf_counter()
@@ -135,15 +145,18 @@ def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[in
                                                         time.perf_counter() - t0 + t_score)
                         if mode != "exact":
                             continue
-                        for comp, label in ((on, "on"), (off, "off")):
+                        selected = (picked.times - 0.5).round().astype(int)  # frame i is at t = i + 0.5
+                        for model, c, comp, label in ((bb, ctx, on, "on"), (bb_off, ctx_off, off, "off")):
                             t0 = time.perf_counter()
-                            gen = answer_embeddings(bb, ctx, read_selected_embeddings(readers, picked), comp)
+                            selected_embs = (read_selected_embeddings(readers, picked) if model is bb
+                                             else embs_off[selected])
+                            gen = answer_embeddings(model, c, selected_embs, comp)
                             tally(f"exact-{k} reencode lpcomp-{label}").add(
                                 kind, correct(gen.text, q.answer), hit, time.perf_counter() - t0 + t_score)
                 if frames <= full_max:
-                    for comp, label in ((on, "on"), (off, "off")):
+                    for model, c, e, comp, label in ((bb, ctx, embs, on, "on"), (bb_off, ctx_off, embs_off, off, "off")):
                         t0 = time.perf_counter()
-                        gen = answer_embeddings(bb, ctx, embs, comp)
+                        gen = answer_embeddings(model, c, e, comp)
                         tally(f"full lpcomp-{label}").add(kind, correct(gen.text, q.answer), True,
                                                           time.perf_counter() - t0 + t_ctx)
         print(f"  {frames} frames: video {v + 1}/{videos} done", flush=True)
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.needle", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced run: 8 questions per length")
     ap.add_argument("--model", default="tiny", help="checkpoint (default: the shipped tiny model)")
+    ap.add_argument("--off-model", default=None,
+                    help="checkpoint trained without LP-Comp for the lpcomp-off rows (default: --model)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     ap.add_argument("--questions", type=int, default=200, help="per length (rounded up to whole videos)")
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 64])
@@ -226,12 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--questions, --lengths and --ks must be positive")
     torch.set_num_threads(args.threads)
     encoder = WindowEncoder(args.model, IndexConfig())
-    print(f"model {args.model} ({encoder.backbone.revision}), threads {args.threads}, "
-          f"{args.questions} questions per length", flush=True)
+    off_model = load_backbone(args.off_model).eval() if args.off_model else None
+    print(f"model {args.model} ({encoder.backbone.revision}), "
+          + (f"lpcomp-off rows: {args.off_model} ({off_model.revision}), " if off_model else "")
+          + f"threads {args.threads}, {args.questions} questions per length", flush=True)
     rng = np.random.default_rng(0)
     results = {}
     for frames in args.lengths:
-        tallies = run_length(encoder, frames, args.questions, tuple(args.ks), args.full_max, rng)
+        tallies = run_length(encoder, frames, args.questions, tuple(args.ks), args.full_max, rng, off_model)
         results[frames] = {name: t.row() for name, t in tallies.items()}
     print(markdown(results))
     for line in floors(results, tuple(args.ks)):

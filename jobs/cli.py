@@ -45,6 +45,8 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=64, help="frames per cached window (default 64)")
     p.add_argument("--max-frames", type=_positive_int, default=None, help="cap on sampled frames per video")
     p.add_argument("--quant", choices=("none", "int8"), default="none", help="store K/V as int8 (default none)")
+    p.add_argument("--no-lpcomp", action="store_true",
+                   help="keep every token of every layer (for a model trained without LP-Comp)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://host:port); default: start a local Ray")
     p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
@@ -61,11 +63,12 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
 
 
 def ingest_config(args: argparse.Namespace):
-    from model.config import IndexConfig, SamplingConfig
+    from model.config import CompressionConfig, IndexConfig, SamplingConfig
     from pipeline.ingest import IngestConfig
 
     index_cfg = IndexConfig(sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames),
-                            window=args.window, quant=args.quant)
+                            window=args.window, compression=CompressionConfig(enabled=not args.no_lpcomp),
+                            quant=args.quant)
     return IngestConfig(source=args.source, index=args.index, model=args.model, index_cfg=index_cfg,
                         address=args.address, num_cpus=args.num_cpus, encode_actors=args.encode_actors,
                         encode_cpus=args.encode_cpus, glob=args.glob, endpoint_url=args.endpoint_url,

@@ -76,7 +76,7 @@ def question_vector(backbone, ctx: QuestionContext, layer: int) -> np.ndarray:
     return query_vector(question_queries(backbone, ctx, layer), backbone.decoder.config.num_key_value_heads)
 
 
-def library_candidates(catalog: Catalog, store: ObjectStore, backbone, question: str) -> list[VideoRow]:
+def library_candidates(catalog: Catalog, store: ObjectStore, backbone, ctx: QuestionContext) -> list[VideoRow]:
     """Candidate videos for a question about the whole library, best first by vector search."""
     ready = catalog.list_videos(status="ready")
     if not ready:
@@ -85,7 +85,7 @@ def library_candidates(catalog: Catalog, store: ObjectStore, backbone, question:
     ready = {v.video_id: v for v in ready if v.model_fp == model_fp}
     fast_layers = readers_for(catalog, store, next(iter(ready.values())))[0].meta.fast_layers
     with torch.inference_mode():
-        vector = question_vector(backbone, QuestionContext.build(backbone, question), frame_vector_layer(fast_layers))
+        vector = question_vector(backbone, ctx, frame_vector_layer(fast_layers))
     hits = catalog.search_frames(vector, model_fp, limit=SEARCH_FRAMES).column("video_id").to_pylist()
     ranked = list(dict.fromkeys(v for v in hits if v in ready))[:LIBRARY_CANDIDATES]
     return [ready[v] for v in ranked]
@@ -109,11 +109,13 @@ def ask_index(index: str, question: str, video: str | None = None, k: int = 16, 
     if video is not None:
         row = find_video(catalog, video)
         return AskResult(row, ask(backbone, readers_for(catalog, store, row), question, k, score, answer_mode), 1)
-    candidates = library_candidates(catalog, store, backbone, question)
+    with torch.inference_mode():  # the question's prefix/suffix forward, once for every candidate
+        ctx = QuestionContext.build(backbone, question)
+    candidates = library_candidates(catalog, store, backbone, ctx)
     if not candidates:
         raise ValueError(f"index {index}: the frame search found no candidate video")
     with torch.inference_mode():  # exact ranking: each candidate's best QC frame score
         best = max(candidates, key=lambda v: float(score_frames(
-            backbone, readers_for(catalog, store, v), question, score).relative.max()))
+            backbone, readers_for(catalog, store, v), ctx, score).relative.max()))
     return AskResult(best, ask(backbone, readers_for(catalog, store, best), question, k, score, answer_mode),
                      len(candidates))

@@ -61,14 +61,14 @@ def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScore
 
 
 def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig | None) -> CompressionConfig:
-    """The compression the objects were written with (on/off is read from their schedule;
-    the keep policy is not stored, so `comp` supplies it), checked against the objects."""
+    """The compression the objects were written with (on/off from their schedule, and their
+    keep policy), or `comp` checked against it."""
     flat = [backbone.n0] * backbone.num_layers
-    comp = comp or CompressionConfig(enabled=reader.meta.schedule != flat)
+    comp = comp or CompressionConfig(enabled=reader.meta.schedule != flat, policy=reader.meta.policy)
     want = comp.tokens_per_layer(backbone.num_layers, backbone.n0)
-    if want != reader.meta.schedule:
+    if want != reader.meta.schedule or (comp.enabled and comp.policy != reader.meta.policy):
         raise ValueError(f"compression {comp} gives schedule {want}, but {reader.name} was written with "
-                         f"{reader.meta.schedule}")
+                         f"{reader.meta.schedule}, policy {reader.meta.policy}")
     return comp
 
 
@@ -87,8 +87,8 @@ def ask(
     """Answer `question` about the video whose window objects `readers` read.
 
     readers: one per window, any order (frames are put in time order by their stored
-    timestamps). comp: only for `reencode` (defaults to the objects' own schedule with
-    the paper's suffix policy).
+    timestamps). comp: only for `reencode` (defaults to the objects' own schedule and
+    keep policy).
     """
     if answer_mode not in ANSWER_MODES:
         raise ValueError(f"unknown answer mode {answer_mode!r}; choose one of {ANSWER_MODES}")

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 2  # 2: window objects record the model revision that wrote them
+FORMAT_VERSION = 3  # 2: objects record the model revision that wrote them; 3: and the LP-Comp keep policy
 KEEP_POLICIES = ("suffix", "uniform", "keynorm")
 
 

@@ -106,6 +106,7 @@ class WindowEncoder:
             for w, emb, kv in zip(windows, embs, kvs):
                 times = np.asarray(w.times, dtype=np.float64)
                 blob = write_window(kv, emb, times, w.duration, model_fp=self.fingerprint, revision=self.backbone.revision,
-                                    fast_layers=self.fast_layers, quant=self.cfg.quant)
+                                    fast_layers=self.fast_layers, policy=self.cfg.compression.policy,
+                                    quant=self.cfg.quant)
                 out.append(EncodedWindow(w.index, blob, sha256_hex(blob), times, frame_vectors(kv.keys[self.vector_layer])))
         return out

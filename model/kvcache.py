@@ -1,7 +1,7 @@
 """The window object: one safetensors file per window of frames, read piecemeal.
 
 Layout (DESIGN.md 2). `__metadata__` holds one entry, "framekv": a JSON object (sorted
-keys) with format_version, model_fp, schedule (n(l) per layer), n0, kv_heads, head_dim,
+keys) with format_version, model_fp, revision, schedule (n(l) per layer), policy, n0, kv_heads, head_dim,
 fast_layers, times, duration, dtype, quant, and sha256 (tensor name -> hex digest of
 that tensor's bytes, so a range read of one tensor is verified on its own). One entry,
 because safetensors writes several metadata entries in random order: with one, the
@@ -49,7 +49,7 @@ _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _HEADER_PREFETCH = 16 * 1024  # covers length + header of a 64-frame unquantised window
 _MAX_HEADER = 64 * 1024 * 1024
 _META_FIELDS = (
-    "format_version", "model_fp", "revision", "schedule", "n0", "kv_heads", "head_dim",
+    "format_version", "model_fp", "revision", "schedule", "policy", "n0", "kv_heads", "head_dim",
     "fast_layers", "times", "duration", "dtype", "quant", "sha256",
 )
 
@@ -78,6 +78,7 @@ class WindowMeta:
     model_fp: str
     revision: str  # the weights that computed this KV (Backbone.revision)
     schedule: list[int]
+    policy: str  # LP-Comp keep policy that chose the stored tokens (CompressionConfig.policy)
     n0: int
     kv_heads: int
     head_dim: int
@@ -118,6 +119,7 @@ def write_window(
     model_fp: str,
     revision: str,
     fast_layers: Sequence[int],
+    policy: str = "suffix",
     quant: str = "none",
     dtype: torch.dtype | None = None,
 ) -> bytes:
@@ -173,6 +175,7 @@ def write_window(
         "model_fp": model_fp,
         "revision": revision,
         "schedule": schedule,
+        "policy": policy,
         "n0": emb.shape[1],
         "kv_heads": kvh,
         "head_dim": hd,
@@ -227,11 +230,18 @@ class WindowReader:
 
     def score_keys(self, layer: int) -> torch.Tensor:
         """Pre-RoPE keys of fast layer `layer`, all frames: [F, n(l), kvh, hd]."""
-        if layer not in self.meta.fast_layers:
-            raise CacheError(self.name, f"layer {layer} has no score keys (fast layers {self.meta.fast_layers})")
-        keys = self._tensors([f"score.k{layer}"])[f"score.k{layer}"]
+        return self.score_keys_for([layer])[layer]
+
+    def score_keys_for(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Pre-RoPE keys of the given fast layers, all frames: layer -> [F, n(l), kvh, hd].
+        The score tensors lie side by side in the object: one range read for all."""
+        missing = [l for l in layers if l not in self.meta.fast_layers]
+        if missing:
+            raise CacheError(self.name, f"layers {missing} have no score keys (fast layers {self.meta.fast_layers})")
+        raw = self._tensors([f"score.k{l}" for l in layers])
+        keys = {l: raw[f"score.k{l}"] for l in layers}
         if self.meta.quant == "int8":
-            keys = self._as_stored_dtype(keys * self._key_scales()[layer])
+            keys = {l: self._as_stored_dtype(k * self._key_scales()[l]) for l, k in keys.items()}
         return keys
 
     def frame_kv(self, j: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -51,6 +51,7 @@ class LPOutput:
     frame_keys: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l), kvh, hd] pre-RoPE
     frame_values: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l), kvh, hd]
     kept: list[Tensor] = field(default_factory=list)  # per layer [B, F, n(l)] indices into n0
+    suffix_inputs: list[Tensor] = field(default_factory=list)  # per layer [B, S, D]: suffix hidden entering it
 
 
 def select_tokens(policy: str, n_next: int, keys: Tensor) -> Tensor:
@@ -99,7 +100,8 @@ def lp_forward(
     the backbone's template; suffix [B, S, D] (question / answer text embeddings, may be
     empty). prob_rows: LongTensor [R] or [B, R] of suffix indices whose attention to the
     frame tokens is returned for `prob_layers`. record_frames: keep the per-layer
-    pre-RoPE keys, values and kept indices of the frame tokens (what the cache stores).
+    pre-RoPE keys, values and kept indices of the frame tokens (what the cache stores),
+    and the suffix's hidden state entering each layer (what training probes read).
     keep_past: return every layer's rotated K/V in `past` (to continue decoding); the
     ingest prefill turns it off so it does not hold a second copy of the window's KV.
     """
@@ -143,6 +145,7 @@ def lp_forward(
 
         fk = res.keys[:, p : p + f * n].reshape(b, f, n, *res.keys.shape[2:])
         if record_frames:
+            out.suffix_inputs.append(suffix_h)
             out.frame_keys.append(fk)
             out.frame_values.append(res.values[:, p : p + f * n].reshape(b, f, n, *res.values.shape[2:]))
             out.kept.append(kept)

@@ -199,8 +199,9 @@ def _score_fast(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
     """[B, F_max] scores of a batch of windows from their cached keys of the fast layers."""
     total = 0
     f_max = max(r.frames for r in readers)
+    stored = [r.score_keys_for(list(hidden)) for r in readers]
     for l, h in hidden.items():
-        keys = [r.score_keys(l) for r in readers]
+        keys = [s[l] for s in stored]
         past = video_past(backbone, ctx.prefix_past[l], keys)
         h = h.expand(len(readers), -1, -1)
         valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)

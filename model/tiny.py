@@ -2,9 +2,14 @@
 
 Small enough to train on a CPU (model/train.py) on synthetic videos (model/synth.py),
 so answers mean something offline. Layout of a frame: a strided conv stem turns a
-32x32 RGB frame into a 4x4 grid = n0 = 16 tokens, a projector maps them to the
-decoder's width, and a time signal (sinusoids of t / duration and of t in seconds ->
-linear) is added to every token so "when" survives frame selection and renumbering.
+32x32 RGB frame into a 4x4 grid = n0 = 16 tokens (a last stride-1 conv lets every
+cell see the whole frame), a projector maps them to the decoder's width, and two
+signals are added to every token:
+- a frame summary (the grid max-pooled -> linear): LP-Comp keeps only a frame's last
+  token at the last layer, so that token must carry what the frame shows; with the
+  summary it does from layer 0 on, instead of having to gather it by attention;
+- a time signal (sinusoids of t / duration and of t in seconds -> linear), so "when"
+  survives frame selection and renumbering.
 
 Prompt: prefix "<bos> <video>", frames, question "<user> {words} <assistant>".
 
@@ -37,7 +42,7 @@ SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<video>", "<user>", "<assistant>
 class TinyConfig:
     image_size: int = 32
     n0: int = 16  # tokens per frame: a sqrt(n0) x sqrt(n0) grid after the stem
-    stem_channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 conv each: 32 -> 16 -> 8 -> 4
+    stem_channels: tuple[int, ...] = (32, 64, 128)  # one stride-2 conv each: 32 -> 16 -> 8 -> 4, then a stride-1 conv
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -115,7 +120,9 @@ class TinyVLM(Backbone):
         for c in cfg.stem_channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GELU()]
             c_in = c
+        layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.GELU()]
         self.stem = nn.Sequential(*layers)
+        self.summary = nn.Linear(c_in, cfg.hidden_size)
         self.projector = nn.Sequential(nn.Linear(c_in, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.time_proj = nn.Linear(4 * cfg.time_freqs, cfg.hidden_size)
         self.decoder = Qwen2Model(cfg.qwen2())
@@ -131,8 +138,9 @@ class TinyVLM(Backbone):
         x = frames.permute(0, 3, 1, 2).to(self.dtype) / 255.0 - 0.5
         grid = self.stem(x)  # [F, C, g, g]
         tokens = self.projector(grid.flatten(2).transpose(1, 2))  # [F, n0, D], row-major
+        summary = self.summary(grid.amax((2, 3)))  # [F, D]
         when = self.time_proj(time_features(times, duration, self.cfg.time_freqs, self.cfg.max_period).to(self.dtype))
-        return tokens + when[:, None, :]
+        return tokens + (summary + when)[:, None, :]
 
     def text_ids(self, text: str) -> Tensor:
         """Word ids of `text` (no template); unknown words are an error naming them."""
@@ -175,7 +183,12 @@ class TinyVLM(Backbone):
         cfg = TinyConfig(**{k: v for k, v in raw["model"].items() if k in known})
         tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json")))
         model = cls(cfg, tokenizer, model_id=model_id, revision=revision)
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        state = load_file(str(path / "model.safetensors"))
+        missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit this version of the tiny model (missing "
+                             f"{sorted(missing)}, unexpected {sorted(unexpected)}): written by older code?")
+        model.load_state_dict(state)
         return model
 
 

@@ -1,19 +1,23 @@
 """Supervised compression tuning: train a VLM on synthetic needle videos with LP-Comp active.
 
-    python -m model.train --out model/checkpoints/tiny --steps 6000 --seed 0 --threads 1
+    python -m model.train --out model/checkpoints/tiny --minutes 50 --seed 0 --threads 1
 
 The loss is next-token cross-entropy on the answer ("<answer> <eos>") after
 [prefix | frames | question], run through `lp_forward` with the LP-Comp schedule on
 (`--no-lpcomp` trains the uncompressed comparison). A model trained from scratch
-needs two auxiliary signals to get past the answer prior (docs/TRAINING.md):
+needs auxiliary signals to get past the answer prior (docs/TRAINING.md):
 
 - attribute loss: linear heads read each frame's surviving token at the last layer
   (its value vector, what the question actually reads there) and predict the frame's
   shape and colour (or "none"), so content is carried into the one kept token;
-- relevance loss: at the QC-Comp scoring layers, the attention mass of the question's
-  last words (which follow every attribute word) on the needle frames' tokens is pushed
-  toward 1 (and, for clips that miss the needle, the mass on all frames toward 0). This
-  is the score QC-Comp ranks frames by, so it trains frame selection itself.
+- relevance loss: at the QC-Comp scoring layers, the attention mass of the question
+  words that name the needle (its shape or colour word: distractors share neither, so
+  each alone picks the needle out) on the needle frames' tokens is pushed toward 1 (and,
+  for clips that miss the needle, the mass on all frames toward 0). This is the score
+  QC-Comp ranks frames by, so it trains frame selection itself;
+- focus loss: the same words' hidden state entering the last layer predicts the
+  needle's shape, colour and third of the video, so what they retrieved is there in
+  time for the answer position to read it.
 
 Curriculum (`CURRICULUM`): readout first (1-4 frames, 0-1 distractors, no retrieval
 needed), then longer clips with more distractors. Clips are views of synthetic videos
@@ -29,10 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,14 +49,10 @@ from torch import Tensor, nn
 
 from model.config import CompressionConfig, IndexConfig
 from model.lpcomp import lp_forward
-from model.synth import COLOURS, SHAPES, SynthVideo, make_question, make_video
+from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, make_question, make_video, when_label
 
 MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
 EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
-# The relevance loss reads the last user words only ("... cross ?"): they come after every
-# attribute word, so they can know which frame is meant; earlier words ("what", "is") cannot,
-# and pushing them toward the needle only taught "look at any event".
-RELEVANCE_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ class Phase:
 
 
 CURRICULUM = (
-    Phase("readout", 0.15, frames=(1, 4), distractors=(0, 1), batch=32, long_views=0.3),
-    Phase("single-distractor", 0.50, frames=(8, 24), distractors=(1, 1), batch=16, long_views=0.5),
-    Phase("long", 1.0, frames=(32, 64), distractors=(2, 6), batch=8, long_views=0.6),
+    Phase("readout", 0.10, frames=(1, 4), distractors=(0, 1), batch=32, long_views=0.3),
+    Phase("binding", 0.45, frames=(4, 16), distractors=(1, 3), batch=32, long_views=0.5),
+    Phase("long", 1.0, frames=(16, 64), distractors=(2, 6), batch=12, long_views=0.6),
 )
 
 
@@ -80,8 +82,11 @@ class Clip:
     times: np.ndarray  # [F] seconds
     duration: float
     question: str
+    kind: str  # the question's kind (model/synth.py QUESTION_KINDS)
+    focus: tuple[int, ...]  # positions of the question words that name the needle's shape or colour
     answer: str | None  # None when the view misses the needle: only the relevance loss applies
     needle: np.ndarray  # [F] bool, the frames the question is about
+    needle_attrs: tuple[int, int, int]  # SHAPES, COLOURS and WHEN indices of the needle
     shape: np.ndarray  # [F] int: 0 none, 1 + SHAPES index
     colour: np.ndarray  # [F] int: 0 none, 1 + COLOURS index
 
@@ -101,6 +106,12 @@ def view_labels(video: SynthVideo, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
         shape[on] = 1 + SHAPES.index(ev.shape)
         colour[on] = 1 + list(COLOURS).index(ev.colour)
     return needle, shape, colour
+
+
+def needle_attrs(video: SynthVideo) -> tuple[int, int, int]:
+    n = video.needle
+    when = when_label(n.start + (n.length - 1) / 2, video.num_frames)
+    return SHAPES.index(n.shape), list(COLOURS).index(n.colour), WHEN.index(when)
 
 
 def choose_view(video: SynthVideo, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -135,11 +146,25 @@ def make_clip(phase: Phase, n: int, rng: np.random.Generator, size: tuple[int, i
         times=idx + 0.5,
         duration=video.duration,
         question=question.text,
+        kind=question.kind,
+        focus=tuple(i for i, w in enumerate(question.text.split()) if w in (video.needle.shape, video.needle.colour)),
         answer=question.answer if needle.any() else None,
         needle=needle,
+        needle_attrs=needle_attrs(video),
         shape=shape,
         colour=colour,
     )
+
+
+def training_batch(phase: Phase, seed: int, size: tuple[int, int]) -> list[Clip]:
+    """One step's clips, all of one length drawn from the phase, frames augmented; a pure
+    function of its arguments, so it can run in the worker process."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(phase.frames[0], phase.frames[1] + 1))
+    clips = [make_clip(phase, n, rng, size) for _ in range(phase.batch)]
+    for c in clips:
+        c.frames = augment(c.frames, rng)
+    return clips
 
 
 def augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -153,10 +178,12 @@ def augment(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 class AttributeHeads(nn.Module):
-    """Shape and colour (or none) of a frame, by linear probes on two of its representations:
+    """Linear probes. Shape and colour (or none) of a frame from two of its representations:
     `last`, its surviving token's value at the last layer (what LP-Comp keeps); `vision`,
     its tokens out of the projector, max-pooled (a direct, position-free signal for the
-    vision stem)."""
+    vision stem). And `focus`: the needle's shape, colour and third of the video from the
+    hidden state of each question word that names it as the last layer reads it, i.e.
+    what that word retrieved from the frames early enough for the answer to use."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -165,6 +192,7 @@ class AttributeHeads(nn.Module):
         classes = 1 + len(SHAPES) + 1 + len(COLOURS)
         self.last = nn.Linear(last, classes)
         self.vision = nn.Linear(cfg.hidden_size, classes)
+        self.focus = nn.Linear(cfg.hidden_size, len(SHAPES) + len(COLOURS) + len(WHEN))
 
     @staticmethod
     def loss(logits: Tensor, shape: Tensor, colour: Tensor) -> Tensor:
@@ -173,6 +201,14 @@ class AttributeHeads(nn.Module):
             logits[..., ns:].flatten(0, -2), colour.flatten()
         )
 
+    @staticmethod
+    def focus_loss(logits: Tensor, needle: Tensor, valid: Tensor) -> Tensor:
+        """logits [B, R, 14], needle [B, 3] (shape, colour, third), valid [B, R]."""
+        parts = logits.split([len(SHAPES), len(COLOURS), len(WHEN)], -1)
+        ce = sum(F.cross_entropy(p.transpose(1, 2), needle[:, i, None].expand(valid.shape), reduction="none")
+                 for i, p in enumerate(parts))
+        return (ce * valid).sum() / valid.sum().clamp(min=1)
+
 
 @dataclass
 class Batch:
@@ -180,10 +216,11 @@ class Batch:
     suffix_ids: Tensor  # [B, S]: <user> question <assistant> answer <eos>
     suffix_valid: Tensor  # [B, S]
     targets: Tensor  # [B, S] next-token targets, -100 where no loss
-    rows: Tensor  # [B, R] suffix indices of the user's last RELEVANCE_ROWS words (padded by repetition)
+    rows: Tensor  # [B, R] suffix indices of the focus words (padded by repetition)
     rows_valid: Tensor  # [B, R]
     answer_pos: Tensor  # [B] suffix index of <assistant> (predicts the answer's first token)
     needle: Tensor  # [B, F] bool
+    needle_attrs: Tensor  # [B, 3] the needle's shape, colour and third of the video (indices)
     has_needle: Tensor  # [B] bool (answer given)
     shape: Tensor  # [B, F]
     colour: Tensor  # [B, F]
@@ -193,12 +230,10 @@ def answer_ids(backbone, answer: str) -> list[int]:
     return backbone.tokenizer(answer, add_special_tokens=False)["input_ids"] + [backbone.tokenizer.eos_token_id]
 
 
-def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Batch:
-    """Embed frames (augmented when rng is given) and tokenize the text of a batch of equal-length clips."""
+def collate(backbone, clips: list[Clip]) -> Batch:
+    """Embed frames and tokenize the text of a batch of equal-length clips."""
     dev = backbone.device
     frames = np.concatenate([c.frames for c in clips])
-    if rng is not None:
-        frames = augment(frames, rng)
     times = np.concatenate([c.times for c in clips])
     durations = torch.tensor(np.concatenate([np.full(len(c.times), c.duration) for c in clips]), device=dev)
     embs = backbone.embed_frames(frames, times, durations).reshape(len(clips), len(clips[0].times), backbone.n0, -1)
@@ -213,7 +248,7 @@ def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Bat
             tgt[len(q_ids) - 1 + j] = a
         seqs.append(ids)
         targets.append(tgt)
-        rows.append(torch.nonzero(q_mask).flatten().tolist()[-RELEVANCE_ROWS:])
+        rows.append([1 + i for i in c.focus])  # suffix = <user> words... <assistant>; one token a word
         answer_pos.append(len(q_ids) - 1)
     s, r = max(map(len, seqs)), max(map(len, rows))
     pad = backbone.tokenizer.pad_token_id
@@ -226,6 +261,7 @@ def collate(backbone, clips: list[Clip], rng: np.random.Generator | None) -> Bat
         rows_valid=torch.tensor([[True] * len(x) + [False] * (r - len(x)) for x in rows], device=dev),
         answer_pos=torch.tensor(answer_pos, device=dev),
         needle=torch.tensor(np.stack([c.needle for c in clips]), device=dev),
+        needle_attrs=torch.tensor([c.needle_attrs for c in clips], device=dev),
         has_needle=torch.tensor([c.answer is not None for c in clips], device=dev),
         shape=torch.tensor(np.stack([c.shape for c in clips]), device=dev),
         colour=torch.tensor(np.stack([c.colour for c in clips]), device=dev),
@@ -257,6 +293,10 @@ def losses(backbone, heads: AttributeHeads, batch: Batch, comp: CompressionConfi
     attr = heads.loss(heads.last(v_last), batch.shape, batch.colour)
     vision = heads.loss(heads.vision(batch.frames.amax(2).float()), batch.shape, batch.colour)
 
+    last = backbone.decoder.layers[-1].input_layernorm(out.suffix_inputs[-1])  # what the answer reads last
+    rows = batch.rows[..., None].expand(-1, -1, last.shape[-1])
+    focus = heads.focus_loss(heads.focus(last.gather(1, rows).float()), batch.needle_attrs,
+                             batch.rows_valid & batch.has_needle[:, None])
     rel = []
     for l in score_layers:
         mass = frame_mass(out.probs[l], batch.rows_valid)  # [B, F]
@@ -266,26 +306,32 @@ def losses(backbone, heads: AttributeHeads, batch: Batch, comp: CompressionConfi
     pred = logits[torch.arange(len(logits)), batch.answer_pos].argmax(-1)
     first = batch.targets[torch.arange(len(logits)), batch.answer_pos]
     acc = ((pred == first) & batch.has_needle).sum() / batch.has_needle.sum().clamp(min=1)
-    return {"answer": answer, "attr": attr, "vision": vision, "relevance": torch.stack(rel).mean(), "acc": acc.detach()}
+    return {"answer": answer, "attr": attr, "vision": vision, "focus": focus, "relevance": torch.stack(rel).mean(),
+            "acc": acc.detach()}
 
 
-def objective(parts: dict[str, Tensor], w_attr: float, w_vision: float, w_relevance: float) -> Tensor:
+def objective(parts: dict[str, Tensor], w_attr: float, w_vision: float, w_focus: float, w_relevance: float) -> Tensor:
     """The loss minimised: answer cross-entropy plus the weighted auxiliary losses."""
-    return parts["answer"] + w_attr * parts["attr"] + w_vision * parts["vision"] + w_relevance * parts["relevance"]
+    return (parts["answer"] + w_attr * parts["attr"] + w_vision * parts["vision"] + w_focus * parts["focus"]
+            + w_relevance * parts["relevance"])
 
 
 @torch.no_grad()
-def evaluate(backbone, clips: list[Clip], comp: CompressionConfig, batch_size: int = 16) -> float:
-    """Answer accuracy (greedy first answer token) over all frames of the given clips."""
-    correct = 0
+def evaluate(backbone, clips: list[Clip], comp: CompressionConfig, batch_size: int = 16) -> dict[str, float]:
+    """Answer accuracy (greedy first answer token) over all frames of the given clips:
+    "all", and per question kind."""
+    right = []
     for lo in range(0, len(clips), batch_size):
-        batch = collate(backbone, clips[lo : lo + batch_size], None)
+        batch = collate(backbone, clips[lo : lo + batch_size])
         out = lp_forward(backbone, batch.frames, comp, suffix=backbone.embed_ids(batch.suffix_ids),
                          suffix_valid=batch.suffix_valid)
         idx = torch.arange(len(out.logits))
         pred = out.logits[idx, batch.answer_pos].argmax(-1)
-        correct += int((pred == batch.targets[idx, batch.answer_pos]).sum())
-    return correct / len(clips)
+        right += (pred == batch.targets[idx, batch.answer_pos]).tolist()
+    acc = {"all": float(np.mean(right))}
+    for kind in sorted({c.kind for c in clips}):
+        acc[kind] = float(np.mean([r for r, c in zip(right, clips) if c.kind == kind]))
+    return acc
 
 
 def eval_clips(n: int, frames: int, size: tuple[int, int], seed: int = 0) -> list[Clip]:
@@ -335,7 +381,7 @@ def plot_curve(history: list[dict], evals: list[tuple[int, float]], phase_starts
 
     steps = np.array([h["step"] for h in history])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("answer", "attr", "vision", "relevance"):
+    for key in ("answer", "attr", "vision", "focus", "relevance"):
         y = np.array([h[key] for h in history])
         k = max(1, len(y) // 100)
         smooth = np.convolve(y, np.ones(k) / k, mode="valid")
@@ -373,7 +419,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-lpcomp", action="store_true", help="train without compression (comparison)")
     ap.add_argument("--w-attr", type=float, default=0.5, help="weight of the attribute loss")
     ap.add_argument("--w-vision", type=float, default=0.5, help="weight of the attribute loss on the projector output")
-    ap.add_argument("--w-relevance", type=float, default=0.5, help="weight of the relevance loss")
+    ap.add_argument("--w-focus", type=float, default=1.0, help="weight of the focus-word readout loss")
+    ap.add_argument("--w-relevance", type=float, default=1.0, help="weight of the relevance loss")
     ap.add_argument("--freeze-vision", action="store_true", help="real checkpoints: tune projector + LLM only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     ap.add_argument("--eval-every", type=int, default=500)
@@ -400,6 +447,9 @@ def main(argv: list[str] | None = None) -> dict:
         backbone = new_backbone(args.init, args.seed, args.tiny_config).train()
     except (TypeError, ValueError) as e:
         raise SystemExit(f"cannot build the model (--init {args.init}, --tiny-config {args.tiny_config}): {e}") from None
+    init_record = None  # a continued run keeps the record of the run it continues
+    if args.init is not None and (Path(args.init) / "config.json").is_file():
+        init_record = json.loads((Path(args.init) / "config.json").read_text()).get("trained")
     if args.freeze_vision:
         for p in vision_tower(backbone).parameters():
             p.requires_grad_(False)
@@ -408,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     heads = AttributeHeads(backbone).to(backbone.device)
     params = [p for p in list(backbone.parameters()) + list(heads.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    rng = np.random.default_rng(args.seed)
+    seeds = np.random.default_rng(args.seed)
     size = backbone.image_size
     held_out = eval_clips(args.eval_clips, 64, size, seed=args.seed)
     ckpt_dir = args.checkpoint_dir or args.out
@@ -419,36 +469,45 @@ def main(argv: list[str] | None = None) -> dict:
     def record(step: int) -> dict:
         return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
                 "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,
-                "minutes": round(clock.elapsed() / 60, 1)}
+                "minutes": round(clock.elapsed() / 60, 1), "init": init_record}
+
+    def next_batch(worker: ProcessPoolExecutor, frac: float) -> tuple[Phase, Future]:
+        phase = phase_at(frac)
+        return phase, worker.submit(training_batch, phase, int(seeds.integers(2**63)), size)
 
     bar = tqdm(total=args.steps, disable=args.no_progress, mininterval=5)
     step = 0
-    while (frac := clock.fraction(step)) < 1.0:
-        phase = phase_at(frac)
-        phase_starts.setdefault(phase.name, step)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(frac, step)
-        n = int(rng.integers(phase.frames[0], phase.frames[1] + 1))
-        batch = collate(backbone, [make_clip(phase, n, rng, size) for _ in range(phase.batch)], rng)
-        parts = losses(backbone, heads, batch, comp, score_layers)
-        loss = objective(parts, args.w_attr, args.w_vision, args.w_relevance)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        history.append({"step": step, **{k: float(v.detach()) for k, v in parts.items()}})
-        bar.update()
-        bar.set_postfix(phase=phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
-                        rel=f"{history[-1]['relevance']:.2f}", refresh=False)
-        if step % args.eval_every == 0:
-            run_eval(backbone, held_out, comp, step, phase, history, evals)
-        if step % args.save_every == 0:
-            save(backbone, ckpt_dir, record(step))
-            plot_curve(history, evals, phase_starts, ckpt_dir / "loss_curve.png")
+    # Rendering a batch takes a third of a step: a worker process renders the next one
+    # meanwhile (its phase is decided one step early, which the schedule does not notice).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as worker:
+        phase, ahead = next_batch(worker, clock.fraction(0))
+        while (frac := clock.fraction(step)) < 1.0:
+            clips = ahead.result()
+            batch_phase = phase
+            phase, ahead = next_batch(worker, frac)
+            phase_starts.setdefault(batch_phase.name, step)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * lr_factor(frac, step)
+            batch = collate(backbone, clips)
+            parts = losses(backbone, heads, batch, comp, score_layers)
+            loss = objective(parts, args.w_attr, args.w_vision, args.w_focus, args.w_relevance)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            history.append({"step": step, **{k: float(v.detach()) for k, v in parts.items()}})
+            bar.update()
+            bar.set_postfix(phase=batch_phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
+                            rel=f"{history[-1]['relevance']:.2f}", refresh=False)
+            if step % args.eval_every == 0:
+                run_eval(backbone, held_out, comp, step, batch_phase, history, evals)
+            if step % args.save_every == 0:
+                save(backbone, ckpt_dir, record(step))
+                plot_curve(history, evals, phase_starts, ckpt_dir / "loss_curve.png")
     bar.close()
     if not evals or evals[-1][0] != step:
-        run_eval(backbone, held_out, comp, step, phase, history, evals)
+        run_eval(backbone, held_out, comp, step, batch_phase, history, evals)
     save(backbone, args.out, record(step))
     plot_curve(history, evals, phase_starts, args.out / "loss_curve.png")
     (args.out / "train_log.json").write_text(
@@ -483,12 +542,14 @@ def lr_factor(frac: float, step: int, warmup: int = 100) -> float:
 
 def run_eval(backbone, held_out, comp, step, phase, history, evals) -> None:
     backbone.eval()
-    evals.append((step, evaluate(backbone, held_out, comp)))
+    acc = evaluate(backbone, held_out, comp)
+    evals.append((step, acc["all"]))
     backbone.train()
     recent = history[-100:]
-    print(f"step {step} phase {phase.name} eval_acc_64 {evals[-1][1]:.3f} "
+    kinds = " ".join(f"{k} {v:.2f}" for k, v in acc.items() if k != "all")
+    print(f"step {step} phase {phase.name} eval_acc_64 {acc['all']:.3f} ({kinds}) "
           f"answer {np.mean([h['answer'] for h in recent]):.3f} attr {np.mean([h['attr'] for h in recent]):.3f} "
-          f"vision {np.mean([h['vision'] for h in recent]):.3f} "
+          f"vision {np.mean([h['vision'] for h in recent]):.3f} focus {np.mean([h['focus'] for h in recent]):.3f} "
           f"relevance {np.mean([h['relevance'] for h in recent]):.3f}", flush=True)
 
 if __name__ == "__main__":

@@ -42,15 +42,17 @@ import ray
 
 from model.config import IndexConfig
 from pipeline.catalog import Catalog, CatalogError, FrameBatch, VideoRow, WindowRow
-from pipeline.decode import decode_frames
+from pipeline.decode import decode_frames, narrow_info
 from pipeline.errors import VideoError
 from pipeline.probe import VideoInfo, probe
 from pipeline.sampling import WindowPlan, plan_windows, sample_times
-from pipeline.sources import MANIFEST_SUFFIXES, SourceError, SourceVideo, list_sources, local_copy, video_id
+from pipeline.sources import (MANIFEST_SUFFIXES, SourceError, SourceVideo, list_sources, local_copy,
+                              local_path, pinned_local_path, video_id)
 from pipeline.store import StoreError, open_store, window_key
 
 VIDEO, WINDOW = "video", "window"  # row kinds
 THUMBNAIL_SIDE = 96
+STALE_UPLOAD_SECONDS = 3600.0  # a temp file / multipart upload older than this belongs to a killed writer
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class IngestConfig:
                              + (f" with glob {self.glob!r}" if self.glob else ""))
         if self.source.startswith("s3://"):
             return self.source.rstrip("/") + "/"
-        return os.path.join(os.path.abspath(self.source), "")
+        return os.path.join(local_path(self.source), "")
 
 
 @dataclass
@@ -100,6 +102,7 @@ class RunSummary:
     windows_resumed: int = 0  # windows a previous run had written: not re-done
     frames: int = 0
     frames_lost: int = 0  # frames lost to corrupt packets in videos that still decoded
+    stale_uploads: int = 0  # leftovers of writes a killed run left half done, removed
     encode_nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0  # the whole run
     pipeline_seconds: float = 0.0  # first to last row of the dataset (no Ray start-up, no listing)
@@ -113,6 +116,7 @@ class RunSummary:
             f"{self.duplicates} duplicates, {self.removed} removed; {self.ready} ready, {self.failed} failed; "
             f"{self.windows_encoded} windows encoded ({self.windows_resumed} resumed), "
             f"{self.frames} frames in {self.seconds:.1f} s ({rate:.1f} frames/s)"
+            + (f"; {self.stale_uploads} stale uploads of a killed run removed" if self.stale_uploads else "")
         )
 
 
@@ -130,6 +134,8 @@ def ingest(cfg: IngestConfig) -> RunSummary:
         try:
             todo, present = _select_videos(cfg, sources, catalog, model_fp, summary)
             if todo:
+                store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
+                summary.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
                 own_ray = _connect_ray(cfg) or own_ray
                 writer = _CatalogWriter(catalog, model_fp, summary, todo)
                 pipeline_start = time.time()
@@ -269,8 +275,9 @@ def _row(item: dict, kind: str, plan: WindowPlan | None = None, first_frame: int
          n_frames: int = 0, info: str = "", frame_times: np.ndarray | None = None, error: str = "") -> dict:
     """Every row has the same columns, so blocks mixing kinds keep one schema.
 
-    `info` is the probe as JSON without `frame_times`, which travels as an array (the
-    decoder needs it; re-probing per window would demux the whole file every time).
+    `info` is the probe as JSON without `frame_times`, which travels as an array holding
+    only the window's neighbourhood (narrow_info): the decoder needs it, and re-probing
+    per window would demux the whole file every time.
     """
     return {"video_id": item["video_id"], "uri": item["uri"], "size": int(item["size"]), "etag": item["etag"],
             "kind": kind, "index": -1 if plan is None else plan.index,
@@ -294,7 +301,7 @@ class _LocalCopies:
 
     def path(self, src: SourceVideo, endpoint_url: str | None) -> str:
         if not src.is_s3:
-            return src.uri
+            return pinned_local_path(src)
         key = f"{src.uri}#{src.etag}"
         if key in self.open:
             self.open.move_to_end(key)
@@ -325,7 +332,8 @@ def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None) -> list[d
     counts = {"n_windows": len(plans), "n_frames": sum(len(p.times) for p in plans), "info": info_json}
     done = set(np.asarray(item["done"]).tolist())
     rows = [_row(item, VIDEO, **counts)]
-    rows += [_row(item, WINDOW, p, first_frame=p.index * cfg.window, frame_times=info.frame_times, **counts)
+    rows += [_row(item, WINDOW, p, first_frame=p.index * cfg.window,
+                  frame_times=narrow_info(info, p.times).frame_times, **counts)
              for p in plans if p.index not in done]
     return rows
 

@@ -85,6 +85,12 @@ def _strip_file_scheme(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def local_path(uri: str) -> str:
+    """The absolute path a local source names (file:// and ~ allowed), as listed videos'
+    URIs spell it: what a prune compares catalog URIs against."""
+    return os.path.abspath(os.path.expanduser(_strip_file_scheme(uri)))
+
+
 def _has_ext(name: str, exts: set[str] | None) -> bool:
     return exts is None or os.path.splitext(name)[1].lower() in exts
 
@@ -100,7 +106,7 @@ def _stat_local(path: str) -> SourceVideo:
 
 
 def _list_local(root: str, exts: set[str] | None) -> list[tuple[str, SourceVideo]]:
-    path = Path(root).expanduser()
+    path = Path(local_path(root))
     if path.is_file():
         return [(path.name, _stat_local(str(path)))]
     if not path.is_dir():
@@ -309,14 +315,26 @@ def open_source(src: SourceVideo, endpoint_url: str | None = None) -> io.Buffere
         raise SourceError(src.uri, f"cannot open: {e.strerror or e}") from None
 
 
+def pinned_local_path(src: SourceVideo) -> str:
+    """A local source's path, if the file is still what was listed (same size and mtime):
+    a video rewritten after listing is refused rather than decoded as a mix of the version
+    that was identified and the new one. The next run lists and indexes the new content."""
+    if not os.path.isfile(src.uri):
+        raise SourceError(src.uri, "no such file")
+    now = _stat_local(src.uri)
+    if (now.size, now.etag) != (src.size, src.etag):
+        raise SourceError(src.uri, "changed since it was listed (size or modification time differ); "
+                                   "the next run indexes the new content")
+    return src.uri
+
+
 @contextlib.contextmanager
 def local_copy(src: SourceVideo, endpoint_url: str | None = None, tmp_dir: str | None = None) -> Iterator[str]:
-    """A local path to decode from: the file itself, or an S3 object downloaded to a temp
-    file (pinned to the listed ETag, so we decode what was identified) and removed after."""
+    """A local path to decode from: the file itself (pinned to its listed size and mtime),
+    or an S3 object downloaded to a temp file (pinned to the listed ETag, so we decode
+    what was identified) and removed after."""
     if not src.is_s3:
-        if not os.path.isfile(src.uri):
-            raise SourceError(src.uri, "no such file")
-        yield src.uri
+        yield pinned_local_path(src)
         return
     bucket, key = parse_s3_uri(src.uri)
     with tempfile.TemporaryDirectory(prefix="framekv-src-", dir=tmp_dir) as tmp:

@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -102,6 +103,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
+    def remove_stale_uploads(self, older_than: float) -> int: ...
 
 
 class LocalStore:
@@ -187,6 +189,21 @@ class LocalStore:
             if p.is_file() and not p.name.startswith(_TMP_PREFIX)
         )
         return iter(sorted(k for k in keys if k.startswith(prefix)))
+
+    def remove_stale_uploads(self, older_than: float) -> int:
+        """Delete temp files of writes killed mid-way (untouched for `older_than` seconds);
+        returns how many. A live write renames its temp file within seconds."""
+        if not self.root.is_dir():
+            return 0
+        cutoff, removed = time.time() - older_than, 0
+        for p in self.root.rglob(f"{_TMP_PREFIX}*"):
+            try:
+                if p.is_file() and p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:  # finished or cleaned by someone else meanwhile
+                pass
+        return removed
 
 
 _clients: dict[tuple[int, str | None, str | None], object] = {}
@@ -360,6 +377,23 @@ class S3Store:
                     yield obj["Key"][len(root):]
         except Exception as e:
             raise self._error(prefix or "/", e) from None
+
+    def remove_stale_uploads(self, older_than: float) -> int:
+        """Abort multipart uploads under the store's prefix started more than `older_than`
+        seconds ago (a writer killed mid-upload leaves its parts, which S3 bills for until
+        aborted); returns how many."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        cutoff, removed = time.time() - older_than, 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=root)
+            for page in pages:
+                for up in page.get("Uploads", ()):
+                    if up["Initiated"].timestamp() < cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        removed += 1
+        except Exception as e:
+            raise self._error(root or "/", e) from None
+        return removed
 
 
 def open_store(index_uri: str, endpoint_url: str | None = None) -> ObjectStore:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import videos
+from tests.s3 import s3_bucket, s3_endpoint  # noqa: F401  (fixtures: one moto server for the session)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,8 +1,7 @@
 """A real S3 endpoint for tests: moto's HTTP server in a subprocess.
 
-Use in a test module:
-
-    from tests.s3 import s3_endpoint, s3_bucket  # noqa: F401  (pytest fixtures)
+tests/conftest.py registers the fixtures (importing them into each test module would
+give every module its own "session" server):
 
     def test_something(s3_bucket):             # a fresh, empty bucket name
         store = S3Store(f"s3://{s3_bucket}/index")

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from model.answer import DecodeConfig, answer_cached, answer_embeddings
+from model.config import CompressionConfig
 from model.ask import ask, read_selected_embeddings, read_selected_kv
 from model.qccomp import FrameScores, QuestionContext, score_frames
 from tests.test_lpcomp import eager_attention
@@ -177,6 +178,21 @@ def test_ask_selects_in_time_order_and_answers_over_those_frames(score_mode, lla
     embs = torch.stack([shuffled[w].embeddings()[j] for _, w, j in by_time])
     assert torch.equal(read_selected_embeddings(shuffled, picked), embs)
     assert again.token_ids == answer_embeddings(bb, ctx, embs, ON, cfg).token_ids
+
+
+@torch.no_grad()
+def test_reencode_uses_the_keep_policy_the_objects_were_written_with(llava_dir):
+    keynorm = CompressionConfig(policy="keynorm")
+    enc = make_encoder("tiny", keynorm, window=8, llava_dir=llava_dir)
+    bb = enc.backbone
+    (reader,) = encode_video(enc, 8, seed=11)
+    assert reader.meta.policy == "keynorm"
+    cfg = DecodeConfig(max_new_tokens=STEPS)
+    ans = ask(bb, [reader], QUESTION["tiny"], k=8, answer_mode="reencode", decode=cfg)
+    ctx = QuestionContext.build(bb, QUESTION["tiny"])
+    assert ans.token_ids == answer_embeddings(bb, ctx, reader.embeddings(), keynorm, cfg).token_ids
+    with pytest.raises(ValueError, match="written with .* policy keynorm"):
+        ask(bb, [reader], QUESTION["tiny"], answer_mode="reencode", comp=ON)
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ import pytest
 from pipeline import catalog as catalog_mod
 from pipeline.catalog import Catalog, CatalogError, FrameBatch, VideoRow, WindowRow
 from pipeline.store import open_store, window_key
-from tests.s3 import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 FP = "f" * 16
 DIM = 8

@@ -40,6 +40,19 @@ def test_jobs_ingest_takes_the_same_arguments(capsys):
     assert "--max-frames: must be >= 1" in capsys.readouterr().err
 
 
+def test_ingest_flags_reach_the_index_config():
+    import argparse
+
+    from jobs.cli import add_ingest_args, ingest_config
+
+    parser = argparse.ArgumentParser()
+    add_ingest_args(parser)
+    default = ingest_config(parser.parse_args(["src", "--index", "idx"])).index_cfg
+    off = ingest_config(parser.parse_args(["src", "--index", "idx", "--no-lpcomp", "--quant", "int8"])).index_cfg
+    assert default.compression.enabled and default.quant == "none"
+    assert not off.compression.enabled and off.quant == "int8"
+
+
 def test_missing_index_and_source_name_the_input(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err
@@ -57,6 +70,20 @@ def test_prune_refuses_a_partial_source(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "prune needs a whole folder" in err and "a*" in err
     assert not (tmp_path / "idx").exists()
+
+
+def test_prune_prefix_spells_paths_as_listing_does(tmp_path, monkeypatch):
+    """file:// and ~ sources prune under the prefix their listed videos' URIs start with."""
+    from pipeline.ingest import IngestConfig
+    from pipeline.sources import list_sources
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.mp4").write_bytes(b"x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for source in (f"file://{tmp_path}/src", "~/src", "~/src/"):
+        prefix = IngestConfig(source=source, index=str(tmp_path / "idx")).prune_prefix()
+        assert prefix == f"{tmp_path}/src/"
+        assert all(s.uri.startswith(prefix) for s in list_sources(source))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.decode import INTERPOLATION, DecodedFrames, _packets_from, decode_frames, non_reference_test
+from pipeline.decode import (INTERPOLATION, DecodedFrames, _packets_from, decode_frames, narrow_info,
+                             non_reference_test)
 from pipeline.probe import probe
 from tests.videos import MATRIX, make_video
 
@@ -63,6 +64,22 @@ def test_exact_mode_equals_sequential_decode(matrix_videos, name, workers):
     np.testing.assert_array_equal(got.times, times)
     np.testing.assert_allclose(got.pts, want_pts, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(got.frames, want)
+
+
+@pytest.mark.parametrize("seek_mode", ["exact", "keyframe"])
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_a_window_decodes_the_same_with_its_narrowed_probe(matrix_videos, name, seek_mode):
+    """Ingest sends each window only the frame times around it (narrow_info)."""
+    path = matrix_videos[name]
+    info = probe(path)
+    times = awkward_times(info.duration, info.frame_times)
+    for window in np.array_split(np.sort(times), 3):
+        narrow = narrow_info(info, window)
+        assert len(narrow.frame_times) <= len(info.frame_times)
+        full = decode_frames(path, window, seek_mode=seek_mode, info=info)
+        got = decode_frames(path, window, seek_mode=seek_mode, info=narrow)
+        np.testing.assert_array_equal(got.pts, full.pts)
+        np.testing.assert_array_equal(got.frames, full.frames)
 
 
 @pytest.mark.parametrize("name", ["bframes.mp4", "open_gop.mp4", "rotate90.mp4", "odd_333x211.mp4", "hevc.mp4"])

@@ -30,7 +30,6 @@ from pipeline.ingest import IngestConfig, ingest
 from pipeline.probe import probe
 from pipeline.sources import list_sources, video_id
 from pipeline.store import open_store
-from tests.s3 import s3_endpoint  # noqa: F401  (pytest fixture)
 from tests.videos import make_text_file, make_truncated_index, make_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_endpoint):  # noqa: F811
+def local_ray(s3_endpoint):
     """One local Ray for the module (ingest joins it instead of starting its own). Its
     workers inherit the environment at start: the S3 endpoint and test credentials."""
     import ray
@@ -111,9 +110,14 @@ def test_local_index_with_a_broken_video(tmp_path, local_ray):
     make_video(src / "b.webm", codec="vp9", seconds=3, fps=10, size=(48, 64))
     make_text_file(src / "c.mp4")
     cfg = IngestConfig(source=str(src), index=str(tmp_path / "idx"), index_cfg=INDEX_CFG, progress=False)
+    leftover = tmp_path / "idx" / "objects" / ".tmp-of-a-killed-put"  # a write SIGKILLed an hour ago
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half an object")
+    os.utime(leftover, (time.time() - 7200,) * 2)
     summary = ingest(cfg)
     assert (summary.listed, summary.new, summary.ready, summary.failed) == (3, 3, 2, 1)
     assert summary.frames == 5 + 3 and summary.windows_encoded == 2
+    assert summary.stale_uploads == 1 and not leftover.exists()
 
     catalog = Catalog(str(tmp_path / "idx"))
     rows = {Path(r.uri).name: r for r in catalog.list_videos()}
@@ -139,7 +143,7 @@ def archive(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_bucket_module(s3_endpoint):  # noqa: F811
+def s3_bucket_module(s3_endpoint):
     name = f"framekv-ingest-{os.getpid()}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name

@@ -93,6 +93,9 @@ def test_lossless_round_trip_full_and_range_reads():
         assert len(rr.calls) == calls + 1
         assert rr.calls[-1] == tensor_span(blob, f"score.k{l}")
         assert reader.bytes_read - before == FRAMES * SCHEDULE[l] * KVH * HD * 4
+    calls = len(rr.calls)  # all fast layers' score keys: side by side, one read
+    both = reader.score_keys_for(FAST)
+    assert len(rr.calls) == calls + 1 and all(torch.equal(both[l], kv.keys[l]) for l in FAST)
     for j in (0, 4):
         calls = len(rr.calls)
         k_j, v_j = reader.frame_kv(j)
@@ -275,7 +278,7 @@ def test_bad_header_and_foreign_objects_are_clear_errors():
     with pytest.raises(CacheError, match="implausible"):
         reader_from_bytes(b"\xff" * 64, NAME)
     reader = reader_from_bytes(write(kv, emb, times), NAME)
-    with pytest.raises(CacheError, match="layer 0 has no score keys"):
+    with pytest.raises(CacheError, match=r"layers \[0\] have no score keys"):
         reader.score_keys(0)
     with pytest.raises(CacheError, match="frame 6 outside 0..5"):
         reader.frame_kv(FRAMES)

@@ -15,7 +15,6 @@ from pipeline import sources
 from pipeline.sources import (
     SAMPLE_BYTES, SourceError, list_sources, local_copy, open_source, read_range, video_id,
 )
-from tests.s3 import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from tests.videos import make_video
 
 BIG = 5 * SAMPLE_BYTES + 17  # large enough that only start/middle/end chunks are hashed
@@ -114,6 +113,23 @@ def test_s3_local_copy_downloads_the_listed_version(s3_bucket):
     assert not os.path.exists(path)  # removed afterwards
     s3.put_object(Bucket=s3_bucket, Key="v/clip.mp4", Body=b"replaced")
     with pytest.raises(SourceError, match="clip.mp4: changed since it was listed"):
+        with local_copy(src):
+            pass
+
+
+def test_local_source_rewritten_after_listing_is_refused(tmp_path):
+    path = tmp_path / "clip.mp4"
+    _write(path, os.urandom(BIG))
+    src = _one(str(tmp_path))
+    with local_copy(src) as got:
+        assert got == str(path)
+    _write(path, os.urandom(BIG))  # same size, new content
+    os.utime(path, ns=(0, 10**9))  # and a modification time that is certainly new
+    with pytest.raises(SourceError, match="clip.mp4: changed since it was listed"):
+        with local_copy(src):
+            pass
+    path.unlink()
+    with pytest.raises(SourceError, match="clip.mp4: no such file"):
         with local_copy(src):
             pass
 

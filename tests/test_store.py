@@ -10,7 +10,6 @@ import pytest
 from pipeline.store import (
     LocalStore, ObjectNotFound, S3Store, StoreError, open_store, video_prefix, window_key,
 )
-from tests.s3 import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 FP = "0123456789abcdef"
 VID = "ab" + "c" * 62
@@ -124,6 +123,31 @@ def test_s3_multipart_failure_aborts_and_leaves_nothing(s3_bucket):
         store.client.meta.events.unregister("before-call.s3.UploadPart", fail_second_part)
     assert not store.exists(key)
     assert boto3.client("s3").list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_leftovers_of_killed_writes_are_removed_once_stale(tmp_path, s3_bucket):
+    """A writer SIGKILLed mid-put leaves a temp file (local) or an open multipart upload
+    (S3); remove_stale_uploads clears those older than the cutoff and nothing else."""
+    local = LocalStore(tmp_path)
+    key = window_key(FP, VID, 0)
+    local.put(key, b"kept")
+    folder = tmp_path / video_prefix(FP, VID)
+    old, fresh = folder / ".tmp-killed", folder / ".tmp-in-flight"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(old, (0, 0))
+    assert local.remove_stale_uploads(3600) == 1
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-in-flight", "w000000.safetensors"]
+
+    s3 = S3Store(f"s3://{s3_bucket}/idx")
+    client = boto3.client("s3")
+    client.create_multipart_upload(Bucket=s3_bucket, Key=f"idx/{key}")
+    client.create_multipart_upload(Bucket=s3_bucket, Key="elsewhere/not-ours")
+    # moto reports every upload as initiated in 2010, so here both are stale; the one
+    # outside the store's prefix belongs to someone else and stays.
+    assert s3.remove_stale_uploads(3600) == 1
+    left = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in left] == ["elsewhere/not-ours"]
 
 
 def test_s3_store_pickles_without_its_client_and_errors_hide_credentials(s3_bucket):

@@ -35,9 +35,9 @@ def test_loss_falls_on_a_fixed_batch(lpcomp):
     opt = torch.optim.AdamW(params, lr=3e-3)
 
     def loss_now(step: bool):
-        batch = collate(bb, clips, None)  # same batch every time, no augmentation
+        batch = collate(bb, clips)  # same batch every time, no augmentation
         parts = losses(bb, heads, batch, comp, layers)
-        loss = objective(parts, 0.5, 0.5, 0.5)
+        loss = objective(parts, 0.5, 0.5, 1.0, 0.5)
         if step:
             opt.zero_grad()
             loss.backward()
