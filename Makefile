@@ -38,6 +38,7 @@ bench: setup
 	$(PY) -m bench.query
 	$(PY) -m bench.ingest
 	$(PY) -m bench.needle
+	$(PY) -m bench.library
 
 clean:
 	rm -rf demo-index demo-archive bench/scratch

@@ -254,3 +254,11 @@ def score_frames(
         scores=torch.cat(scores).double().cpu().numpy(),
         window_frames=np.concatenate([np.full(r.frames, r.frames) for r in readers]),
     )
+
+
+def video_relevance(backbone, readers: Sequence[WindowReader], question: str | QuestionContext,
+                    mode: str = "fast") -> float:
+    """How much a video holds what the question asks about, for ranking the videos of a
+    library: its best frame's `relative` score (comparable across videos and window
+    lengths, as a raw attention probability is not)."""
+    return float(score_frames(backbone, readers, question, mode).relative.max())

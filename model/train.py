@@ -83,7 +83,7 @@ class Clip:
     duration: float
     question: str
     kind: str  # the question's kind (model/synth.py QUESTION_KINDS)
-    focus: tuple[int, ...]  # positions of the question words that name the needle's shape or colour
+    focus: tuple[int, ...]  # positions of the supervised question words (focus_words)
     answer: str | None  # None when the view misses the needle: only the relevance loss applies
     needle: np.ndarray  # [F] bool, the frames the question is about
     needle_attrs: tuple[int, int, int]  # SHAPES, COLOURS and WHEN indices of the needle
@@ -129,6 +129,14 @@ def choose_view(video: SynthVideo, n: int, rng: np.random.Generator) -> np.ndarr
     return np.sort(np.concatenate([np.asarray(picked, dtype=np.int64), extra]))
 
 
+def focus_words(question: str, video: SynthVideo) -> tuple[int, ...]:
+    """Positions of the words the relevance and focus losses supervise: those naming the
+    needle's shape or colour, and the last word, which has read the whole question
+    (causal attention) and so can tell a video without the needle from one with it."""
+    words = question.split()
+    return tuple(i for i, w in enumerate(words) if w in (video.needle.shape, video.needle.colour) or i == len(words) - 1)
+
+
 def make_clip(phase: Phase, n: int, rng: np.random.Generator, size: tuple[int, int], seed: int | None = None) -> Clip:
     """A clip of exactly n frames for `phase`; `seed` fixes the video (else drawn from rng)."""
     seed = int(rng.integers(0, EVAL_SEED_BASE)) if seed is None else seed
@@ -147,7 +155,7 @@ def make_clip(phase: Phase, n: int, rng: np.random.Generator, size: tuple[int, i
         duration=video.duration,
         question=question.text,
         kind=question.kind,
-        focus=tuple(i for i, w in enumerate(question.text.split()) if w in (video.needle.shape, video.needle.colour)),
+        focus=focus_words(question.text, video),
         answer=question.answer if needle.any() else None,
         needle=needle,
         needle_attrs=needle_attrs(video),

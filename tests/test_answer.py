@@ -218,10 +218,10 @@ def one_window(llava_dir):
 def test_sampling_is_seeded_and_top_k_one_is_greedy(one_window):
     bb, ctx, kv = one_window
     greedy = answer_cached(bb, ctx, *kv, DecodeConfig(max_new_tokens=8))
-    hot = DecodeConfig(max_new_tokens=8, temperature=5.0, top_p=0.95, seed=1)
+    hot = DecodeConfig(max_new_tokens=8, temperature=100.0, top_p=0.95, seed=1)
     a, b = answer_cached(bb, ctx, *kv, hot), answer_cached(bb, ctx, *kv, hot)
     assert a.token_ids == b.token_ids
-    assert a.token_ids != greedy.token_ids  # at temperature 5 over this vocabulary: differs
+    assert a.token_ids != greedy.token_ids  # near-uniform at temperature 100: differs
     one = answer_cached(bb, ctx, *kv, DecodeConfig(max_new_tokens=8, temperature=5.0, top_k=1, seed=2))
     assert one.token_ids == greedy.token_ids
     assert len(greedy.token_ids) == 8 or greedy.logits.shape[0] == len(greedy.token_ids) + 1  # max or eos
@@ -230,7 +230,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(one_window):
 @torch.no_grad()
 def test_stop_strings_end_the_answer(one_window):
     bb, ctx, kv = one_window
-    hot = dict(max_new_tokens=8, temperature=5.0, seed=3)
+    hot = dict(max_new_tokens=8, temperature=100.0, seed=3)
     free = answer_cached(bb, ctx, *kv, DecodeConfig(**hot))
     words = free.text.split()
     assert len(words) >= 3

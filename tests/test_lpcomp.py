@@ -19,7 +19,7 @@ from tests.llava_tiny import save_tiny_llava
 
 torch.set_num_threads(1)
 OFF = CompressionConfig(enabled=False)
-TOL = dict(atol=1e-5, rtol=0)
+TOL = dict(atol=1e-5, rtol=2e-5)  # fp32 reordering error grows with the trained model's activations (~10)
 
 
 @pytest.fixture(scope="module")
@@ -334,11 +334,9 @@ def test_flash_varlen_packing_matches_sdpa(tiny, monkeypatch):
     monkeypatch.setattr(decoder, "flash_attn_varlen_func", reference_varlen)
     monkeypatch.setattr(decoder, "_use_flash", lambda x: True)
     flash_logits, flash_next = run()
-    # The trained model's logits and residual stream run to ~10: fp32 reordering error grows with them.
-    tol = dict(atol=1e-5, rtol=2e-5)
-    torch.testing.assert_close(flash_logits[0], sdpa_logits[0], **tol)
-    torch.testing.assert_close(flash_logits[1, :-2], sdpa_logits[1, :-2], **tol)
-    torch.testing.assert_close(flash_next, sdpa_next, **tol)
+    torch.testing.assert_close(flash_logits[0], sdpa_logits[0], **TOL)
+    torch.testing.assert_close(flash_logits[1, :-2], sdpa_logits[1, :-2], **TOL)
+    torch.testing.assert_close(flash_next, sdpa_next, **TOL)
 
 
 @torch.no_grad()
