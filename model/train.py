@@ -10,11 +10,12 @@ needs auxiliary signals to get past the answer prior (docs/TRAINING.md):
 - attribute loss: linear heads read each frame's surviving token at the last layer
   (its value vector, what the question actually reads there) and predict the frame's
   shape and colour (or "none"), so content is carried into the one kept token;
-- relevance loss: at the QC-Comp scoring layers, the attention mass of the question
-  words that name the needle (its shape or colour word: distractors share neither, so
-  each alone picks the needle out) on the needle frames' tokens is pushed toward 1 (and,
-  for clips that miss the needle, the mass on all frames toward 0). This is the score
-  QC-Comp ranks frames by, so it trains frame selection itself;
+- relevance loss: at the QC-Comp scoring layers, the attention mass of the focus words
+  (`focus_words`: those that name the needle, its shape or colour word, which
+  distractors never share, and the question's last word) on the needle frames' tokens
+  is pushed toward 1 (and, for clips that miss the needle, the mass on all frames
+  toward 0). This is the score QC-Comp ranks frames by, so it trains frame selection
+  itself;
 - focus loss: the same words' hidden state entering the last layer predicts the
   needle's shape, colour and third of the video, so what they retrieved is there in
   time for the answer position to read it.
