@@ -206,10 +206,11 @@ def plot(results: dict[int, dict[str, dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lengths = sorted(results)
     names = list(dict.fromkeys(n for rows in results.values() for n in rows))
-    for name in names:
+    for i, name in enumerate(names):
         xs = [f for f in lengths if name in results[f]]
         style = "--" if name.startswith("uniform") else "-"
-        ax.plot(xs, [results[f][name]["accuracy"] for f in xs], style, marker="o", label=name)
+        ax.plot(xs, [results[f][name]["accuracy"] for f in xs], style, marker="o", label=name,
+                color=plt.cm.tab20(i % 20))
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(f) for f in lengths])
     ax.set_xlabel("video length (frames at 1 fps)")
