@@ -7,7 +7,7 @@ A library of held-out synthetic videos (model/synth.py), cached with WindowEncod
 memory as bench/needle.py does. Each video's needle gives three questions (colour,
 shape, when; `exists` is left out: its "no" questions name something absent from the
 video they came from), each asked of the whole library. Every video is ranked by
-`video_relevance`, as `jobs.query.ask_index` ranks the vector search's candidates;
+`FrameScores.relevance`, as `jobs.query.ask_index` ranks the vector search's candidates;
 the best one is answered (`fast` top-16, `cached`).
 
 Columns: pick accuracy (the picked video holds the question's subject: an event of
@@ -31,8 +31,8 @@ from model.ask import read_selected_kv
 from model.answer import answer_cached
 from model.config import IndexConfig
 from model.encoder import WindowEncoder
-from model.qccomp import QuestionContext, score_frames, video_relevance
-from model.synth import Event, SynthVideo, make_question, make_video, when_label
+from model.qccomp import QuestionContext, score_frames
+from model.synth import Event, SynthVideo, event_when, make_question, make_video
 
 SEED_BASE = 5_000_000_000  # held out from training (< 3e9) and from bench/needle.py (4e9..)
 KINDS = ("colour", "shape", "when")
@@ -51,7 +51,7 @@ def truths(kind: str, subject: Event, video: SynthVideo) -> set[str]:
         return {e.colour for e in hits}
     if kind == "shape":
         return {e.shape for e in hits}
-    return {when_label(e.start + (e.length - 1) / 2, video.num_frames) for e in hits}
+    return {event_when(e, video.num_frames) for e in hits}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,16 +79,18 @@ def main(argv: list[str] | None = None) -> dict:
     for source in videos:
         for kind in KINDS:
             q = make_question(source, rng, kind)
-            floor += np.mean([any(matches(kind, source.needle, e) for e in v.events) for v in videos])
+            holds = [any(matches(kind, source.needle, e) for e in v.events) for v in videos]
+            floor += np.mean(holds)
             n += 1
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 ctx = QuestionContext.build(bb, q.text)
-                best = int(np.argmax([video_relevance(bb, readers, ctx) for readers in caches]))
-                picked = score_frames(bb, caches[best], ctx, "fast").top_k(16)
+                scores = [score_frames(bb, readers, ctx, "fast") for readers in caches]
+                best = int(np.argmax([s.relevance for s in scores]))
+                picked = scores[best].top_k(16)
                 gen = answer_cached(bb, ctx, *read_selected_kv(caches[best], picked))
                 seconds += time.perf_counter() - t0
-            picked_ok += any(matches(kind, source.needle, e) for e in videos[best].events)
+            picked_ok += holds[best]
             answered_ok += any(correct(gen.text, t) for t in truths(kind, source.needle, videos[best]))
 
     print(f"\nmodel {args.model} ({bb.revision}), {args.videos} videos x {args.frames} frames, {n} questions "

@@ -6,7 +6,7 @@ cached windows from the store, answer with model/ask.py, return the evidence.
 
 Library questions (no video): the catalog's frame-vector search (pooled pre-RoPE keys
 of one fast layer, written at ingest) picks candidate videos; QC scoring of their
-cached keys ranks them exactly (`video_relevance`); the best one is answered.
+cached keys ranks them exactly (`FrameScores.relevance`); the best one is answered.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from model.ask import ask
 from model.backbone import load_backbone
 from model.encoder import frame_vector_layer, query_vector
 from model.kvcache import WindowReader
-from model.qccomp import QuestionContext, question_queries, video_relevance
+from model.qccomp import QuestionContext, question_queries, score_frames
 from pipeline.catalog import Catalog, VideoRow
 from pipeline.store import ObjectStore, open_store
 
@@ -114,7 +114,7 @@ def ask_index(index: str, question: str, video: str | None = None, k: int = 16, 
     candidates = library_candidates(catalog, store, backbone, ctx)
     if not candidates:
         raise ValueError(f"index {index}: the frame search found no candidate video")
+    readers = {v.video_id: readers_for(catalog, store, v) for v in candidates}
     with torch.inference_mode():  # exact ranking: each candidate's best frame
-        best = max(candidates, key=lambda v: video_relevance(backbone, readers_for(catalog, store, v), ctx, score))
-    return AskResult(best, ask(backbone, readers_for(catalog, store, best), question, k, score, answer_mode),
-                     len(candidates))
+        best = max(candidates, key=lambda v: score_frames(backbone, readers[v.video_id], ctx, score).relevance)
+    return AskResult(best, ask(backbone, readers[best.video_id], ctx, k, score, answer_mode), len(candidates))

@@ -75,7 +75,7 @@ def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig |
 def ask(
     backbone,
     readers: Sequence[WindowReader],
-    question: str,
+    question: str | QuestionContext,
     k: int = 16,
     score_mode: str = "fast",
     answer_mode: str = "cached",
@@ -87,7 +87,7 @@ def ask(
     """Answer `question` about the video whose window objects `readers` read.
 
     readers: one per window, any order (frames are put in time order by their stored
-    timestamps). comp: only for `reencode` (defaults to the objects' own schedule and
+    timestamps). question: its text, or the QuestionContext already built for it. comp: only for `reencode` (defaults to the objects' own schedule and
     keep policy).
     """
     if answer_mode not in ANSWER_MODES:
@@ -95,7 +95,7 @@ def ask(
     start_bytes = sum(r.bytes_read for r in readers)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        ctx = QuestionContext.build(backbone, question)
+        ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
         scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows)
         picked = scores.top_k(k)
         t1 = time.perf_counter()

@@ -95,6 +95,13 @@ class FrameScores:
         """Score against a uniform share of the window: comparable across window lengths."""
         return self.scores * self.window_frames
 
+    @property
+    def relevance(self) -> float:
+        """How much the video holds what the question asks about, for ranking the videos
+        of a library: the best frame's `relative` score (comparable across videos and
+        window lengths, as a raw attention probability is not)."""
+        return float(self.relative.max())
+
     def top_k(self, k: int) -> FrameScores:
         """The k best frames by `relative` (all if fewer), back in time order."""
         if k < 1:
@@ -254,11 +261,3 @@ def score_frames(
         scores=torch.cat(scores).double().cpu().numpy(),
         window_frames=np.concatenate([np.full(r.frames, r.frames) for r in readers]),
     )
-
-
-def video_relevance(backbone, readers: Sequence[WindowReader], question: str | QuestionContext,
-                    mode: str = "fast") -> float:
-    """How much a video holds what the question asks about, for ranking the videos of a
-    library: its best frame's `relative` score (comparable across videos and window
-    lengths, as a raw attention probability is not)."""
-    return float(score_frames(backbone, readers, question, mode).relative.max())

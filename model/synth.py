@@ -203,6 +203,11 @@ def when_label(frame: float, num_frames: int) -> str:
     return WHEN[third]
 
 
+def event_when(event: Event, num_frames: int) -> str:
+    """The third of the video an event's middle frame falls in (what "when" questions ask)."""
+    return when_label(event.start + (event.length - 1) / 2, num_frames)
+
+
 def make_video(
     seed: int,
     num_frames: int,
@@ -285,8 +290,7 @@ def make_question(video: SynthVideo, rng: np.random.Generator, kind: str | None 
         colour = absent[rng.integers(len(absent))]
         return Question(kind, f"is there a {colour} {n.shape} ?", "no", frames)
     if kind == "when":
-        centre = n.start + (n.length - 1) / 2
-        return Question(kind, f"when does the {n.colour} {n.shape} appear ?", when_label(centre, video.num_frames), frames)
+        return Question(kind, f"when does the {n.colour} {n.shape} appear ?", event_when(n, video.num_frames), frames)
     raise ValueError(f"unknown question kind {kind!r}; choose one of {QUESTION_KINDS}")
 
 

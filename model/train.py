@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from model.config import CompressionConfig, IndexConfig
 from model.lpcomp import lp_forward
-from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, make_question, make_video, when_label
+from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, event_when, make_question, make_video
 
 MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
 EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
@@ -111,8 +111,7 @@ def view_labels(video: SynthVideo, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def needle_attrs(video: SynthVideo) -> tuple[int, int, int]:
     n = video.needle
-    when = when_label(n.start + (n.length - 1) / 2, video.num_frames)
-    return SHAPES.index(n.shape), list(COLOURS).index(n.colour), WHEN.index(when)
+    return SHAPES.index(n.shape), list(COLOURS).index(n.colour), WHEN.index(event_when(n, video.num_frames))
 
 
 def choose_view(video: SynthVideo, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -489,12 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Rendering a batch takes a third of a step: a worker process renders the next one
     # meanwhile (its phase is decided one step early, which the schedule does not notice).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as worker:
-        phase, ahead = next_batch(worker, clock.fraction(0))
+        ahead = next_batch(worker, clock.fraction(0))
         while (frac := clock.fraction(step)) < 1.0:
-            clips = ahead.result()
-            batch_phase = phase
-            phase, ahead = next_batch(worker, frac)
-            phase_starts.setdefault(batch_phase.name, step)
+            phase, clips = ahead[0], ahead[1].result()
+            ahead = next_batch(worker, frac)
+            phase_starts.setdefault(phase.name, step)
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(frac, step)
             batch = collate(backbone, clips)
@@ -507,16 +505,16 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             history.append({"step": step, **{k: float(v.detach()) for k, v in parts.items()}})
             bar.update()
-            bar.set_postfix(phase=batch_phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
+            bar.set_postfix(phase=phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
                             rel=f"{history[-1]['relevance']:.2f}", refresh=False)
             if step % args.eval_every == 0:
-                run_eval(backbone, held_out, comp, step, batch_phase, history, evals)
+                run_eval(backbone, held_out, comp, step, phase, history, evals)
             if step % args.save_every == 0:
                 save(backbone, ckpt_dir, record(step))
                 plot_curve(history, evals, phase_starts, ckpt_dir / "loss_curve.png")
     bar.close()
     if not evals or evals[-1][0] != step:
-        run_eval(backbone, held_out, comp, step, batch_phase, history, evals)
+        run_eval(backbone, held_out, comp, step, phase, history, evals)
     save(backbone, args.out, record(step))
     plot_curve(history, evals, phase_starts, args.out / "loss_curve.png")
     (args.out / "train_log.json").write_text(

@@ -129,12 +129,12 @@ def ingest(cfg: IngestConfig) -> RunSummary:
     try:
         model_fp, image_size = _model_identity(cfg)
         catalog = Catalog(cfg.index, endpoint_url=cfg.endpoint_url)
+        store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
         run_id = catalog.start_run(cfg.source, model_fp)
         summary = RunSummary(run_id=run_id, model_fp=model_fp, listed=len(sources))
         try:
             todo, present = _select_videos(cfg, sources, catalog, model_fp, summary)
             if todo:
-                store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
                 summary.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
                 own_ray = _connect_ray(cfg) or own_ray
                 writer = _CatalogWriter(catalog, model_fp, summary, todo)
@@ -146,7 +146,6 @@ def ingest(cfg: IngestConfig) -> RunSummary:
                 writer.close()
                 summary.pipeline_seconds = time.time() - pipeline_start
             if prune_prefix is not None and present is not None:  # never prune on a partial view
-                store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
                 summary.removed = len(catalog.remove_missing(present, store, uri_prefix=prune_prefix))
         except BaseException:
             summary.seconds = time.time() - started

@@ -14,7 +14,7 @@ from jobs.query import readers_for
 from jobs.sample_archive import write_sample_archive
 from model.ask import ask
 from model.backbone import load_backbone
-from model.qccomp import video_relevance
+from model.qccomp import score_frames
 from pipeline.catalog import Catalog
 from pipeline.store import open_store
 from tests.videos import make_text_file
@@ -140,7 +140,7 @@ def test_library_question_picks_the_best_scoring_video(indexed, capsys):
 
     catalog, store, bb = Catalog(index), open_store(index), load_backbone("tiny")
     best = max(catalog.list_videos(status="ready"),
-               key=lambda v: video_relevance(bb, readers_for(catalog, store, v), q.question))
+               key=lambda v: score_frames(bb, readers_for(catalog, store, v), q.question).relevance)
     assert f"video: {best.uri}" in out and "best of 2 candidates" in out
 
 
