@@ -10,6 +10,9 @@ encoded window arrived, next to its two stages alone in this process, measured i
 same run: decode_frames over the same windows and the tiny model encoding pre-decoded
 frames, one thread each. On 2 cores the pipeline runs one decode task beside the encode
 actor(s), so the slower stage alone is about its ceiling.
+S3 reads: 3 clips on a moto S3 server behind a counting proxy (tests/faultproxy.py);
+bytes GET per video over the video's size (floor 1.0x: every byte read once), for a
+first run and a second run over the unchanged archive (floor 0 bytes).
 Memory: `python -m jobs.ingest` runs as a fresh process; the peak of the summed RSS of
 its whole process tree (driver, raylet, workers, actors; shared object-store pages
 count once per process that maps them) is sampled every 0.2 s.
@@ -78,6 +81,43 @@ def pipeline_rate(archive: Path, actors: int, work: Path) -> tuple[float, float,
     assert summary.failed == 0 and summary.duplicates == 0, summary
     steady = summary.frames / (summary.pipeline_seconds - summary.startup_seconds)
     return summary.frames / summary.pipeline_seconds, steady, summary.frames
+
+
+def s3_reads(work: Path) -> None:
+    """Source bytes read per video from S3, counted by a proxy, against the video's size."""
+    import boto3
+
+    from pipeline.ingest import IngestConfig, ingest
+    from tests.faultproxy import FaultProxy
+    from tests.s3 import FAKE_ENV, start_moto
+
+    os.environ.update(FAKE_ENV)
+    moto, endpoint = start_moto()
+    try:
+        folder = work / "s3-archive"
+        folder.mkdir()
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="bench")
+        sizes = {}
+        for i in range(3):
+            path = make_video(folder / f"clip{i}.mp4", seconds=120 + 60 * i, fps=10, size=(96, 128), gop=20)
+            s3.upload_file(str(path), "bench", f"videos/{path.name}")
+            sizes[path.name] = path.stat().st_size
+        with FaultProxy(endpoint) as proxy:
+            cfg = IngestConfig(source="s3://bench/videos", index="s3://bench/index", index_cfg=INDEX_CFG,
+                               endpoint_url=proxy.endpoint, num_cpus=os.cpu_count(), progress=False)
+            first = ingest(cfg)
+            assert first.failed == 0, first.failures
+            for name, size in sizes.items():
+                got = proxy.bytes_out("GET", path=f"/bench/videos/{name}$")
+                print(f"  {name}: {size / 1e6:6.2f} MB, {got / 1e6:6.2f} MB read from S3: {got / size:.3f}x its size "
+                      f"(floor 1.0x), {first.windows_encoded} windows in the run")
+            proxy.reset()
+            again = ingest(cfg)
+            print(f"  second run over the unchanged archive: {proxy.bytes_out('GET', path='/bench/videos/')} bytes "
+                  f"of video read (floor 0), {again.skipped} skipped")
+    finally:
+        moto.terminate()
 
 
 def _tree_rss(root: int) -> int:
@@ -157,6 +197,9 @@ def main() -> None:
             print(f"  pipeline, {actors} encode actor(s): {overall:8.1f} frames/s overall, {rates[actors]:8.1f} "
                   f"after the first window ({frames} frames; {rates[actors] / floor:.2f}x the slower stage alone)")
         print(f"  2 actors / 1 actor (after the first window): {rates[2] / rates[1]:.2f}x")
+
+        print("== S3 source reads per video (moto S3 behind a counting proxy)")
+        s3_reads(work)
 
         print(f"== memory: one video, 5 min vs {long_minutes} min (looped 60 s clip)")
         base = make_video(work / "base.mp4", seconds=60, fps=10, size=(96, 128), gop=20)

@@ -1,14 +1,22 @@
 """`framekv` command line: ingest an archive, show an index's status, ask a question.
 
     framekv ingest SOURCE --index INDEX [--model tiny|PATH] [--fps 1.0] [--window 64]
-                   [--max-frames N] [--address auto|ray://...]
+                   [--max-frames N] [--address auto|ray://...] [--prune [--max-prune 0.1]]
+                   [--dry-run] [--max-failed N] [--max-attempts 3] [--json]
     framekv status INDEX [--json]
+    framekv verify INDEX [--repair] [--json] [--workers 16]
     framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
                 [--answer cached|reencode]
 
-Errors about the user's input (a missing index, a bad argument, a broken video) print
-one line naming the input and the reason and exit non-zero; FRAMEKV_DEBUG=1 shows the
-traceback instead.
+Errors about the user's input (a missing index, a bad argument) print one line naming
+the input and the reason; FRAMEKV_DEBUG=1 shows the traceback instead. Exit codes, so a
+scheduler can alert on a bad night:
+    0  done (at most --max-failed videos failed)
+    1  error: the run could not be done (bad input, an unreachable index, ...)
+    2  usage: bad arguments
+    3  more than --max-failed videos failed (each is in the report, with its class)
+    4  --prune refused (the source listed nothing or could not be fully read, or more
+       than --max-prune of the index would go); nothing was deleted
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import json
 import os
 import sys
 
+from jobs.verify import add_verify_parser
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -26,6 +36,23 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_PRUNE_REFUSED = 0, 1, 2, 3, 4
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
@@ -56,9 +83,18 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="CPUs per encode actor on CPU-only clusters (default 0.5)")
     p.add_argument("--glob", default=None, help="only sources whose relative path matches this pattern")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: boto3's resolution)")
-    p.add_argument("--retry-failed", action="store_true", help="re-attempt videos that failed before")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="re-attempt every failed video (permanent failures and used-up attempts too)")
+    p.add_argument("--max-attempts", type=_positive_int, default=3,
+                   help="runs that may try a transiently failing video (default 3)")
+    p.add_argument("--max-failed", type=_count, default=0,
+                   help="failed videos tolerated before the exit code says so (default 0)")
     p.add_argument("--prune", action="store_true",
                    help="remove indexed videos (rows and objects) whose content is gone from SOURCE")
+    p.add_argument("--max-prune", type=_share, default=0.1,
+                   help="refuse a prune removing more than this share of the index's videos (default 0.1)")
+    p.add_argument("--dry-run", action="store_true", help="print what a run would add, re-index and remove")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -72,17 +108,36 @@ def ingest_config(args: argparse.Namespace):
     return IngestConfig(source=args.source, index=args.index, model=args.model, index_cfg=index_cfg,
                         address=args.address, num_cpus=args.num_cpus, encode_actors=args.encode_actors,
                         encode_cpus=args.encode_cpus, glob=args.glob, endpoint_url=args.endpoint_url,
-                        retry_failed=args.retry_failed, prune=args.prune, progress=not args.no_progress)
+                        retry_failed=args.retry_failed, max_attempts=args.max_attempts, prune=args.prune,
+                        max_prune=args.max_prune, dry_run=args.dry_run, progress=not args.no_progress)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from pipeline.ingest import ingest
+    from pipeline.ingest import PruneRefused, ingest
 
-    summary = ingest(ingest_config(args))
-    print(summary.line())
-    for uri, reason in sorted(summary.failures.items()):
-        print(f"  failed: {reason}")
-    return 0
+    try:
+        report = ingest(ingest_config(args))
+    except PruneRefused as e:
+        print(f"framekv ingest: prune refused: {e}; nothing was done", file=sys.stderr)
+        return EXIT_PRUNE_REFUSED
+    if args.json:
+        print(report.to_json())
+    elif report.dry_run:
+        for what, uris in report.would.items():
+            print(f"would {what}: {uris}" if isinstance(uris, str) else f"would {what} {len(uris)} videos")
+            if not isinstance(uris, str):
+                print("".join(f"  {u}\n" for u in uris), end="")
+    else:
+        print(report.line())
+        for f in report.failures:
+            print(f"  failed ({f.error_class}): {f.reason}")
+    if report.prune.get("refused"):
+        print(f"framekv ingest: prune refused: {report.prune['refused']}; nothing was deleted", file=sys.stderr)
+        return EXIT_PRUNE_REFUSED
+    if report.failed > args.max_failed:
+        print(f"framekv ingest: {report.failed} videos failed (--max-failed {args.max_failed})", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def open_index(index: str, endpoint_url: str | None = None):
@@ -98,8 +153,12 @@ def open_index(index: str, endpoint_url: str | None = None):
 def run_status(args: argparse.Namespace) -> int:
     catalog = open_index(args.index, args.endpoint_url)
     status = catalog.summary()
-    status["failed"] = [{"video_id": r.video_id, "uri": r.uri, "error": r.error, "attempts": r.attempts}
-                        for r in catalog.list_videos(status="failed")]
+    status["failed"] = [{"video_id": r.video_id, "uri": r.uri, "error": r.error, "error_class": r.error_class,
+                         "attempts": r.attempts} for r in catalog.list_videos(status="failed")]
+    status["lost_frames"] = [{"video_id": r.video_id, "uri": r.uri, "frames_lost": r.frames_lost,
+                              "lost_times": list(r.lost_times)}
+                             for r in catalog.list_videos(status="ready") if r.frames_lost]
+    status["runs"] = catalog.runs(last=args.runs)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
     else:
@@ -113,14 +172,17 @@ def format_status(status: dict) -> str:
     lines = [f"index {status['index']}: {videos}",
              f"  ready: {status['frames']} frames in {status['windows']} windows, "
              f"{status['cache_bytes'] / 1e6:.2f} MB of cache"]
-    lines += [f"  failed: {v['error'] if v['error'].startswith(v['uri']) else v['uri'] + ': ' + v['error']}"
+    lines += [f"  failed ({v['error_class'] or 'unknown'}, {v['attempts']} attempts): "
+              f"{v['error'] if v['error'].startswith(v['uri']) else v['uri'] + ': ' + v['error']}"
               for v in status["failed"]]
-    run = status.get("last_run")
-    if run:
+    lines += [f"  {v['frames_lost']} frames could not be decoded in {v['uri']} at "
+              + ", ".join(f"{t:.2f}" for t in v["lost_times"][:8]) + (" ..." if len(v["lost_times"]) > 8 else "") + " s"
+              for v in status["lost_frames"]]
+    for run in status.get("runs", []):
         counts = run.get("counts") or {}
-        lines.append(f"  last run {run['run_id'][:12]} ({run['status']}, started {run['started_at']}): "
+        lines.append(f"  run {run['run_id'][:12]} ({run['status']}, started {run['started_at']}): "
                      f"{counts.get('new', 0)} new, {counts.get('ready', 0)} ready, {counts.get('failed', 0)} failed, "
-                     f"{counts.get('windows_encoded', 0)} windows encoded")
+                     f"{counts.get('windows_encoded', 0)} windows encoded, {counts.get('removed', 0)} removed")
     return "\n".join(lines)
 
 
@@ -144,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="videos, windows and runs of an index")
     p.add_argument("index")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--runs", type=_positive_int, default=5, help="recent runs shown (default 5)")
     p.add_argument("--endpoint-url", default=None)
     p.set_defaults(run=run_status)
 
@@ -157,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny")
     p.add_argument("--endpoint-url", default=None)
     p.set_defaults(run=run_ask)
+
+    add_verify_parser(sub)
     return parser
 
 
@@ -171,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FRAMEKV_DEBUG"):
             raise
         print(f"framekv {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

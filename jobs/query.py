@@ -51,8 +51,11 @@ class AskResult:
 
 
 def readers_for(catalog: Catalog, store: ObjectStore, video: VideoRow) -> list[WindowReader]:
-    """One range reader per window object of a ready video."""
-    return [WindowReader(lambda start, end, key=w.key: store.get_range(key, start, end), w.key, size=w.bytes)
+    """One range reader per window object of a ready video. The row's header digest makes
+    each reader verify the header before use (and refuse a row that has none), its size
+    the object's length: with the per-tensor digests, every byte read is checked."""
+    return [WindowReader(lambda start, end, key=w.key: store.get_range(key, start, end), w.key, size=w.bytes,
+                         header_sha256=w.header_sha256)
             for w in catalog.window_rows(video.video_id, video.model_fp)]
 
 

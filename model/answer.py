@@ -1,4 +1,4 @@
-"""Answer a question over selected frames (DESIGN.md 3.3), and the uncached reference.
+"""Answer a question over selected frames (docs/METHOD.md, 'Answering modes'), and the uncached reference.
 
     ctx = QuestionContext.build(backbone, question)                  # model/qccomp.py
     gen = answer_cached(backbone, ctx, keys, values, DecodeConfig())  # frames' cached KV

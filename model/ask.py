@@ -1,5 +1,5 @@
 """One question about one video's cache: score every frame, keep the top K in time
-order, answer over them (DESIGN.md 3). No frame is decoded or re-encoded.
+order, answer over them (docs/METHOD.md, 'Answering modes'). No frame is decoded or re-encoded.
 
     readers = [WindowReader(store_range(key), key) for key in the video's window keys]
     ans = ask(backbone, readers, "what colour is the star ?", k=16)       # fast + cached

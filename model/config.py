@@ -17,7 +17,7 @@ KEEP_POLICIES = ("suffix", "uniform", "keynorm")
 
 
 def lp_schedule(num_layers: int, n0: int) -> list[int]:
-    """LP-Comp tokens per frame seen by each layer (DESIGN.md 1.2).
+    """LP-Comp tokens per frame seen by each layer (docs/METHOD.md, 'LP-Comp').
 
     n(l) = 1 + floor((n0 - 1) / 2 * (1 + cos((l + 1) * pi / L)) + 0.5), with layer 0
     clamped to n0 so the first layer always sees every token.

@@ -2,12 +2,13 @@
 
     enc = WindowEncoder("tiny", IndexConfig())     # torch threads: set by the caller
     out = enc.encode([WindowInput(frames, times, duration, index=0), ...])
-    out[0].blob, out[0].sha256, out[0].frame_vectors   # object bytes, catalog digest, [F, d]
+    out[0].blob, out[0].sha256, out[0].header_sha256   # object bytes, its catalog digests
+    out[0].frame_vectors                               # [F, d]
 
 All windows of one call are prefilled in one LP-Comp batch (segment-local, so the
 result does not depend on the batching).
 
-Frame vectors (library search, DESIGN.md 3): the pre-RoPE keys of one fast layer
+Frame vectors (library search, docs/METHOD.md, 'Frame vectors'): the pre-RoPE keys of one fast layer
 (`frame_vector_layer`, the middle fast layer, so the question side knows it from the
 object's metadata) averaged over the frame's kept tokens, kv heads concatenated,
 L2-normalised: [F, kv_heads * head_dim]. The question side pools its pre-RoPE queries
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from model.backbone import load_backbone
 from model.config import IndexConfig, fingerprint
-from model.kvcache import sha256_hex, write_window
+from model.kvcache import header_digest, sha256_hex, write_window
 from model.lpcomp import prefill_windows
 
 
@@ -45,6 +46,7 @@ class EncodedWindow:
     index: int
     blob: bytes  # the window object (model/kvcache.py)
     sha256: str  # of blob, for the catalog
+    header_sha256: str  # of blob's header (model.kvcache.header_digest), for the catalog: range reads check it
     times: np.ndarray  # [F] seconds
     frame_vectors: np.ndarray  # [F, kv_heads * head_dim] float32, unit norm
 
@@ -108,5 +110,7 @@ class WindowEncoder:
                 blob = write_window(kv, emb, times, w.duration, model_fp=self.fingerprint, revision=self.backbone.revision,
                                     fast_layers=self.fast_layers, policy=self.cfg.compression.policy,
                                     quant=self.cfg.quant)
-                out.append(EncodedWindow(w.index, blob, sha256_hex(blob), times, frame_vectors(kv.keys[self.vector_layer])))
+                out.append(EncodedWindow(index=w.index, blob=blob, sha256=sha256_hex(blob),
+                                         header_sha256=header_digest(blob), times=times,
+                                         frame_vectors=frame_vectors(kv.keys[self.vector_layer])))
         return out

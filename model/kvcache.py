@@ -1,6 +1,6 @@
 """The window object: one safetensors file per window of frames, read piecemeal.
 
-Layout (DESIGN.md 2). `__metadata__` holds one entry, "framekv": a JSON object (sorted
+Layout (docs/METHOD.md, 'Window object format'). `__metadata__` holds one entry, "framekv": a JSON object (sorted
 keys) with format_version, model_fp, revision, schedule (n(l) per layer), policy, n0, kv_heads, head_dim,
 fast_layers, times, duration, dtype, quant, and sha256 (tensor name -> hex digest of
 that tensor's bytes, so a range read of one tensor is verified on its own). One entry,
@@ -23,6 +23,12 @@ outputs. `emb` is never quantised.
 
 Readers take `read_range(start, end) -> bytes` (end exclusive), so an S3 range GET or a
 file seek serves only the tensors a question needs; bytes_read and reads count them.
+
+Integrity on a range read: the header bytes [0, 8 + N) (length prefix and JSON header,
+metadata included) are checked against `header_digest`, a sha256 kept outside the object
+(the catalog's `header_sha256`), before anything in them is used; each tensor's bytes
+against its sha256 in that verified header. So every byte a reader uses is verified,
+without reading the whole object.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 _HEADER_PREFETCH = 16 * 1024  # covers length + header of a 64-frame unquantised window
-_MAX_HEADER = 64 * 1024 * 1024
+MAX_HEADER = 64 * 1024 * 1024  # longer length prefixes are refused: not a window object
 _META_FIELDS = (
     "format_version", "model_fp", "revision", "schedule", "policy", "n0", "kv_heads", "head_dim",
     "fast_layers", "times", "duration", "dtype", "quant", "sha256",
@@ -95,6 +101,23 @@ class WindowMeta:
 
 def sha256_hex(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
+
+
+def header_length(head: bytes) -> int:
+    """N, the JSON header's length, from an object's first 8 bytes (safetensors' prefix)."""
+    if len(head) < 8:
+        raise ValueError(f"{len(head)} bytes: too short for a safetensors length prefix")
+    return struct.unpack("<Q", head[:8])[0]
+
+
+def header_digest(blob: bytes) -> str:
+    """sha256 hex of the object's header bytes [0, 8 + N): what the per-tensor digests
+    cannot cover (times, shapes, offsets, revision, the digests themselves). Kept outside
+    the object, in the catalog; `blob` may be just the object's first 8 + N bytes."""
+    n = header_length(blob)
+    if len(blob) < 8 + n:
+        raise ValueError(f"{len(blob)} bytes hold no complete header (its length prefix says {8 + n})")
+    return sha256_hex(blob[: 8 + n])
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -150,6 +173,8 @@ def write_window(
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"storage dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
     schedule = [k.shape[1] for k in keys]
+    if any(not 1 <= n <= emb.shape[1] for n in schedule):
+        raise ValueError(f"tokens per layer {schedule} must lie in 1..n0 = {emb.shape[1]}")
 
     tensors: dict[str, torch.Tensor] = {"emb": emb.detach().to("cpu", dtype)}
     if quant == "int8":
@@ -198,7 +223,13 @@ class _Entry:
 
 
 class WindowReader:
-    """Reads a window object through byte ranges, verifying each tensor's sha256.
+    """Reads a window object through byte ranges, verifying its header and each tensor.
+
+    header_sha256: the catalog's `header_digest` of the object. The header bytes are
+    hashed and compared before any of them is used, so a changed time, shape, offset or
+    tensor digest is refused; every tensor read is then checked against its digest in
+    that header. None means "unchecked", for objects that no catalog describes (bytes in
+    hand, tests); "" is a catalog row written before header digests and is refused.
 
     The header (8-byte length + JSON) costs one small read when `size` is given (two
     otherwise), every tensor read after it only its own bytes (none if the header read
@@ -208,9 +239,15 @@ class WindowReader:
     pass through unchanged; every defect of the object itself is a CacheError.
     """
 
-    def __init__(self, read_range: Callable[[int, int], bytes], name: str, size: int | None = None):
+    def __init__(self, read_range: Callable[[int, int], bytes], name: str, size: int | None = None,
+                 header_sha256: str | None = None):
+        if header_sha256 == "":
+            raise CacheError(name, "its catalog row has no header digest (indexed before header digests "
+                                   "were recorded), so its header cannot be verified: re-index or run "
+                                   "`framekv verify --repair`")
         self.name = name
         self.size = size
+        self.header_sha256 = header_sha256
         self.bytes_read = 0
         self.reads = 0
         self._read_range = read_range
@@ -272,6 +309,16 @@ class WindowReader:
         """The frames' projector outputs [F, n0, D]."""
         return self._tensors(["emb"])["emb"]
 
+    def corrupt_tensors(self) -> list[str]:
+        """Names of the tensors whose bytes fail their sha256, in file order. Reads every
+        tensor, one at a time (memory: one tensor); says which part of a damaged object
+        changed (`framekv verify`)."""
+        bad = []
+        for tname, e in sorted(self._entries.items(), key=lambda item: item[1].start):
+            if sha256_hex(self._read(e.start, e.end)) != self._sha256[tname]:
+                bad.append(tname)
+        return bad
+
     # ---- internals -----------------------------------------------------------------
 
     def _read(self, start: int, end: int, exact: bool = True) -> bytes:
@@ -291,13 +338,14 @@ class WindowReader:
         buf = self._read(0, end, exact=False)
         if len(buf) < 8:
             raise CacheError(self.name, f"truncated object: {len(buf)} bytes, no safetensors header")
-        (n,) = struct.unpack("<Q", buf[:8])
-        if n > _MAX_HEADER:
+        n = header_length(buf)
+        if n > MAX_HEADER:
             raise CacheError(self.name, f"header length {n} is implausible: not a safetensors object")
         if self.size is not None and 8 + n > self.size:
             raise CacheError(self.name, f"truncated object: {self.size} bytes, header needs {8 + n}")
         if len(buf) < 8 + n:
             buf += self._read(len(buf), 8 + n)
+        self._check_digest(buf[: 8 + n])
         self._head = buf
         try:
             header = json.loads(buf[8 : 8 + n])
@@ -308,14 +356,25 @@ class WindowReader:
         meta = self._parse_meta(header.pop("__metadata__"))
         sha = meta.pop("sha256")
         entries = self._parse_entries(header, data_start=8 + n)
-        if set(entries) != set(sha):
+        if not isinstance(sha, dict) or set(entries) != set(sha):
             raise CacheError(self.name, "tensor list does not match the sha256 table")
+        meta = WindowMeta(**meta)
+        self._check_layout(entries, meta)
         data_end = max(e.end for e in entries.values())
         if self.size is not None and self.size != data_end:
             raise CacheError(
                 self.name, f"object is {self.size} bytes but its header describes {data_end}: truncated or corrupt"
             )
-        return entries, sha, WindowMeta(**meta)
+        return entries, sha, meta
+
+    def _check_digest(self, header: bytes) -> None:
+        """The header bytes against the catalog's digest, before any of them is parsed."""
+        if self.header_sha256 is None:
+            return
+        got = sha256_hex(header)
+        if got != self.header_sha256:
+            raise CacheError(self.name, f"header bytes changed: sha256 {got}, the catalog recorded "
+                                        f"{self.header_sha256}; the object is corrupt or was tampered with")
 
     def _parse_meta(self, raw: dict) -> dict:
         try:
@@ -336,7 +395,18 @@ class WindowReader:
             )
         if meta["quant"] not in QUANTS or meta["dtype"] not in _NAMED_DTYPES:
             raise CacheError(self.name, f"unknown quant {meta['quant']!r} or dtype {meta['dtype']!r}")
-        meta["times"] = np.asarray(meta["times"], dtype=np.float64)
+        for key in ("n0", "kv_heads", "head_dim"):
+            if not _is_int(meta[key]) or meta[key] < 1:
+                raise CacheError(self.name, f"metadata {key} = {meta[key]!r} is not a positive integer")
+        if not isinstance(meta["duration"], (int, float)) or not math.isfinite(meta["duration"]):
+            raise CacheError(self.name, f"metadata duration {meta['duration']!r} is not a finite number")
+        for key in ("schedule", "fast_layers"):
+            if not isinstance(meta[key], list) or not all(_is_int(x) for x in meta[key]):
+                raise CacheError(self.name, f"metadata {key} = {meta[key]!r} is not a list of integers")
+        try:
+            meta["times"] = np.asarray(meta["times"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise CacheError(self.name, f"metadata times {meta['times']!r} are not numbers") from None
         return meta
 
     def _parse_entries(self, header: dict, data_start: int) -> dict[str, _Entry]:
@@ -356,6 +426,43 @@ class WindowReader:
         if not entries:
             raise CacheError(self.name, "object holds no tensors")
         return entries
+
+    def _check_layout(self, entries: dict[str, _Entry], m: WindowMeta) -> None:
+        """The format's invariants: F strictly increasing finite times, one `frame.{j}` per
+        time, 1 <= n(l) <= n0, and every tensor the metadata implies, with its shape and
+        dtype (docs/METHOD.md, 'Window object format'), and no other."""
+        t = m.times
+        if t.ndim != 1 or len(t) < 1:
+            raise CacheError(self.name, f"times of shape {list(t.shape)}: expected one time per frame, [F], F >= 1")
+        bad = np.flatnonzero(~np.isfinite(t) | np.r_[False, np.diff(t) <= 0])
+        if bad.size:
+            j = int(bad[0])
+            raise CacheError(self.name, f"times are not finite and strictly increasing: frame {j} at {float(t[j])} s"
+                                        + (f" after {float(t[j - 1])} s" if j else ""))
+        layers = len(m.schedule)
+        if not layers or any(not 1 <= n <= m.n0 for n in m.schedule):
+            raise CacheError(self.name, f"schedule {m.schedule} does not fit n0 = {m.n0} (1 <= n(l) <= n0)")
+        if len(set(m.fast_layers)) != len(m.fast_layers) or any(not 0 <= l < layers for l in m.fast_layers):
+            raise CacheError(self.name, f"fast layers {m.fast_layers} are not distinct layers of 0..{layers - 1}")
+        frames, kvh, hd, rows = len(t), m.kv_heads, m.head_dim, sum(m.schedule)
+        stored = torch.int8 if m.quant == "int8" else _NAMED_DTYPES[m.dtype]
+        emb = entries.get("emb")
+        dim = emb.shape[-1] if emb is not None and len(emb.shape) == 3 and emb.shape[-1] > 0 else "D >= 1"
+        expected = {"emb": (_NAMED_DTYPES[m.dtype], (frames, m.n0, dim))}  # D: the projector's, not in metadata
+        expected |= {f"frame.{j}": (stored, (2 * rows, kvh, hd)) for j in range(frames)}
+        expected |= {f"score.k{l}": (stored, (frames, m.schedule[l], kvh, hd)) for l in m.fast_layers}
+        if m.quant == "int8":
+            expected["kscale"] = (torch.float32, (layers, kvh, hd))
+            expected |= {f"frame.{j}.scale": (torch.float32, (rows, kvh)) for j in range(frames)}
+        if set(entries) != set(expected):
+            raise CacheError(self.name, f"tensors do not match the metadata ({frames} times): missing "
+                                        f"{sorted(set(expected) - set(entries))}, unexpected "
+                                        f"{sorted(set(entries) - set(expected))}")
+        for tname, (dtype, shape) in expected.items():
+            e = entries[tname]
+            if (e.dtype, e.shape) != (dtype, shape):
+                raise CacheError(self.name, f"tensor {tname!r} is {e.dtype} {list(e.shape)}, the metadata implies "
+                                            f"{dtype} {list(shape)}: corrupt header")
 
     def _tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read tensors, one range read per run of adjacent tensors, each sha256-checked."""
@@ -407,9 +514,14 @@ class WindowReader:
         return keys, values
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def reader_from_bytes(blob: bytes, name: str, sha256: str | None = None) -> WindowReader:
     """A reader over an in-memory object; checks the whole object's sha256 when given
-    (the catalog's), so header corruption is caught too."""
+    (the catalog's), which covers the header too. No header digest: these bytes are in
+    hand, not described by a catalog row."""
     if sha256 is not None and sha256_hex(blob) != sha256:
         raise CacheError(name, f"sha256 of the object does not match the catalog ({sha256[:12]}...): object is corrupt")
-    return WindowReader(lambda start, end: blob[start:end], name, size=len(blob))
+    return WindowReader(lambda start, end: blob[start:end], name, size=len(blob), header_sha256=None)

@@ -1,4 +1,4 @@
-"""LP-Comp: progressive per-frame token compression inside the decoder (DESIGN.md 1.2).
+"""LP-Comp: progressive per-frame token compression inside the decoder (docs/METHOD.md, 'LP-Comp').
 
 The sequence is [prefix text | F frames x n(l) tokens | suffix text]. Layer l sees
 n(l) tokens of every frame (`CompressionConfig.tokens_per_layer`); after layer l the

@@ -1,4 +1,4 @@
-"""QC-Comp: score every cached frame of a video for a question (DESIGN.md 1.3, 3.1).
+"""QC-Comp: score every cached frame of a video for a question (docs/METHOD.md, 'QC-Comp').
 
     ctx = QuestionContext.build(backbone, "what colour is the star ?")
     scores = score_frames(backbone, readers, ctx, mode="fast")    # FrameScores, one row a frame

@@ -20,6 +20,28 @@ decoding:
 
 `seek_mode="keyframe"` decodes only the keyframe nearest to each sample: much less
 work, frames up to half a GOP away from t, and the result says it is approximate.
+
+Damaged files still give a frame for every sample, and the result names the samples
+whose frame is wrong (`DecodedFrames.lost_times`): those whose returned frame is not
+the one an intact file shows at t. Decoding sees damage in three ways, and only these:
+
+- the target's own data is bad. Its picture never arrives (the decoder rejected the
+  packet, or the stream ended first; under frame threads an error surfaces a few
+  packets late, so the missing picture is the evidence, not the error) or arrives
+  flagged corrupt, and a neighbour stands in; or the demuxer flagged the packet corrupt
+  or cut short, and whatever the decoder made of it is returned.
+- the picture arrives but was decoded from a damaged reference: a damaged packet that
+  other frames may reference (anything but a known non-reference) taints every frame
+  decoded after it, up to the next keyframe. An open GOP's leading frames (shown before
+  a keyframe, decoded after it) also carry the taint of the GOP before that keyframe.
+- the sample lies at or past the end of a file the probe found truncated: the frame
+  shown there is one the container's index lists but the file does not hold.
+
+Damage the decoder conceals without a sign (no error, an unflagged picture) is beyond
+this test. The verdict on a target depends only on the packets from its keyframe on
+(from the keyframe before, for a leading frame), which every split across workers
+feeds alike, so any number of workers gives the same `lost_times`; a frame-threaded
+run that lost a picture is decoded again on one thread (decode_chunk says why).
 """
 
 from __future__ import annotations
@@ -31,7 +53,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import av
 import numpy as np
@@ -46,13 +68,29 @@ INTERPOLATION = "AREA"  # swscale's box filter: antialiased for big downscales, 
 
 @dataclass
 class DecodedFrames:
-    """Frames for a list of sample times; `pts[i]` is the time of the frame returned for `times[i]`."""
+    """Frames for a list of sample times; `pts[i]` is the time of the frame returned for `times[i]`.
+
+    `lost_times` holds the sample times whose frame is wrong: `times[i]` is in it when the
+    returned frame is not the frame an intact file shows at `times[i]` (in exact mode the
+    last frame at or before it; in keyframe mode the nearest keyframe), because that
+    frame's own data is bad (undecodable or absent: a neighbour stood in and `pts[i]`
+    names it; flagged corrupt by the demuxer: the picture is what the decoder made of it),
+    because it was decoded from a reference whose data is bad (same `pts[i]`, damaged
+    picture), or because the file is truncated and `times[i]` lies at or past the end of
+    what it holds. One entry per sample: a repeated time that is lost repeats.
+    Empty for an intact file. The module docstring says how damage is detected.
+    """
 
     frames: np.ndarray  # [F, H, W, 3] uint8 RGB at the requested size, rotation applied
     times: np.ndarray  # requested sample times [F], seconds from the stream start
     pts: np.ndarray  # presentation time of the frame returned [F], same clock
-    lost: int  # frames lost to corrupt packets among those decoded (0 when clean)
+    lost_times: np.ndarray  # [L] float64, sorted: the values of `times` whose frame is wrong
     approximate: bool  # True for seek_mode="keyframe"
+
+    @property
+    def lost(self) -> int:
+        """How many samples got a wrong frame: len(lost_times)."""
+        return len(self.lost_times)
 
 
 @dataclass(frozen=True)
@@ -78,10 +116,10 @@ class ChunkJob:
 
 @dataclass
 class ChunkResult:
-    targets: list[float]  # target frame times, one per returned frame
-    returned: list[float]  # time of the frame actually returned (differs only when the target was lost)
-    frames: list[np.ndarray]
-    lost: int
+    targets: list[float] = field(default_factory=list)  # target frame times, one per returned frame
+    returned: list[float] = field(default_factory=list)  # time of the frame returned (differs for a stand-in)
+    frames: list[np.ndarray] = field(default_factory=list)
+    lost: set[float] = field(default_factory=set)  # targets whose returned frame is wrong
 
 
 def decode_frames(
@@ -126,10 +164,7 @@ def decode_frames(
     results = _run_parallel(path, jobs, workers) if len(jobs) > 1 else [decode_chunk(jobs[0])]
 
     by_target = {t: (r, f) for res in results for t, r, f in zip(res.targets, res.returned, res.frames)}
-    lost = sum(res.lost for res in results)
-    if lost:
-        warnings.warn(f"{path}: {lost} frames could not be decoded (corrupt data); nearest good frames returned",
-                      LostFramesWarning, stacklevel=2)
+    lost_targets = set().union(*(res.lost for res in results))
     wanted = target_times.tolist()
     missing = set(wanted) - by_target.keys()
     if missing:  # every frame of a segment was lost: borrow the closest decoded target
@@ -138,11 +173,19 @@ def decode_frames(
         known = np.array(sorted(by_target))
         for t in missing:
             by_target[t] = by_target[float(known[np.argmin(np.abs(known - t))])]
+        lost_targets |= missing
+    lost = np.isin(target_times, list(lost_targets))
+    if info.truncated:  # the frames the index promised past the end are not in the file
+        lost |= times >= info.duration - TIME_EPS
+    lost_times = np.sort(times[lost])
+    if len(lost_times):
+        warnings.warn(f"{path}: {len(lost_times)} of {len(times)} samples got a wrong frame (corrupt or missing "
+                      f"data), first at {lost_times[0]:.3f} s; see lost_times", LostFramesWarning, stacklevel=2)
     return DecodedFrames(
         frames=np.stack([by_target[t][1] for t in wanted]),
         times=times,
         pts=np.array([by_target[t][0] for t in wanted], dtype=np.float64),
-        lost=lost,
+        lost_times=lost_times,
         approximate=seek_mode == "keyframe",
     )
 
@@ -246,30 +289,54 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 def decode_chunk(job: ChunkJob) -> ChunkResult:
-    """Decode one chunk of segments (runs in a worker process, or inline for one worker)."""
-    result = ChunkResult([], [], [], 0)
-    with ffmpeg_errors(job.path, "decoding"), av.open(job.path, metadata_errors="ignore") as container:
+    """Decode one chunk of segments (runs in a worker process, or inline for one worker).
+
+    Frame threads report a decoder error a few packets late, and an error met while
+    draining ends the drain (PyAV cannot resume it), losing good pictures still queued.
+    So a frame-threaded run in which some picture never arrived is decoded again on one
+    thread, where an error comes with its own packet and draining loses nothing; clean
+    runs, nearly all of them, are decoded once.
+    """
+    result = ChunkResult()
+    with ffmpeg_errors(job.path, "decoding"):
+        again = _decode_runs(job, job.segments, job.threads, result)
+        if again:
+            _decode_runs(job, again, 1, result)
+    return result
+
+
+def _decode_runs(job: ChunkJob, segments, threads: int, result: ChunkResult) -> list[Segment]:
+    """Decode `segments` run by run into `result`; returns, undecided, the segments of
+    frame-threaded runs that lost a picture (see decode_chunk)."""
+    again: list[Segment] = []
+    with av.open(job.path, metadata_errors="ignore") as container:
         stream = video_stream(container, job.path)
         clock = _Clock(float(stream.time_base), job.start_time)
         ctx = stream.codec_context
         ctx.thread_type = "SLICE" if job.keyframes_only else "AUTO"  # frame threads need a queue of packets
-        ctx.thread_count = job.threads
+        ctx.thread_count = threads
+        frame_threads = threads > 1 and not job.keyframes_only
         skippable = non_reference_test(stream)
-        pending = deque(job.segments)
+        pending = deque(segments)
         while pending:
             segment = pending.popleft()
             keyframe = clock.pts(segment.keyframe)
-            run = _Run(job, result, clock, keyframe)
-            run.add(segment.targets)
+            run = _Run(job, clock, keyframe)
+            run.add(segment)
             for packet in _packets_from(container, stream, keyframe, job.path):
                 if pending and packet.is_keyframe and packet.pts == clock.pts(pending[0].keyframe):
-                    run.add(pending.popleft().targets)  # still feeding: the next segment continues this run
-                if packet.pts in run.wanted or not skippable(packet):
-                    run.feed(ctx, packet)
+                    run.add(pending.popleft())  # still feeding: the next segment continues this run
+                reference = not skippable(packet)
+                if reference or packet.pts in run.wanted:
+                    run.feed(ctx, packet, reference)
                 if job.keyframes_only or not run.unfed:
                     break
             run.finish(ctx)
-    return result
+            if frame_threads and run.lost_a_picture():
+                again += run.segments
+            else:
+                run.settle(result)
+    return again
 
 
 def non_reference_test(stream) -> Callable[[av.Packet], bool]:
@@ -333,53 +400,115 @@ def _packets_from(container, stream, keyframe: int, path: str):
     raise CorruptVideo(path, f"keyframe at pts {keyframe} not found in the stream")
 
 
+@dataclass(frozen=True)
+class FedPacket:
+    """A packet fed to the decoder, as the damage walk needs it."""
+
+    pts: int
+    keyframe: bool
+    reference: bool  # other frames may reference it (not a known non-reference packet)
+    flagged: bool  # the demuxer marked it corrupt (e.g. cut short by the end of the file)
+
+
+def damaged_frames(fed: list[FedPacket], intact: set[int], start: int) -> set[int]:
+    """Pts of the fed frames whose picture is wrong, for a decode that started at keyframe `start`.
+
+    A packet is damaged when the demuxer flagged it or its picture is not in `intact` (the
+    pts the decoder returned unflagged). Walking in decode order, a damaged reference
+    taints what follows up to the next keyframe; an open GOP's leading frames (pts below
+    the keyframe decoded before them) reference the GOP before it and also carry its
+    taint, while trailing frames never reference leading ones (that is what makes the
+    keyframe a place to start). Frames shown before `start` are the seek point's leading
+    frames, never returned, and not judged.
+    """
+    damaged: set[int] = set()
+    gop = leading = carried = False  # taint of: this GOP, its leading frames, the GOP before
+    keyframe = start
+    for packet in fed:
+        if packet.pts < start:
+            continue
+        if packet.keyframe:
+            carried, gop, leading, keyframe = gop, False, False, packet.pts
+        is_leading = packet.pts < keyframe
+        bad = packet.flagged or packet.pts not in intact
+        if bad or gop or (is_leading and (leading or carried)):
+            damaged.add(packet.pts)
+        if bad and packet.reference:
+            if is_leading:
+                leading = True
+            else:
+                gop = True
+    return damaged
+
+
 class _Run:
     """One continuous decode from a keyframe: feeds packets, keeps targets, stands in for lost ones.
 
-    Targets are tracked as pts; `times` maps them back to the caller's seconds.
+    Targets are tracked as pts; `times` maps them back to the caller's seconds. Kept
+    frames stay here until `settle` judges them and hands them to the chunk's result.
     """
 
-    def __init__(self, job: ChunkJob, result: ChunkResult, clock: _Clock, keyframe: int) -> None:
-        self.job, self.result, self.clock, self.keyframe = job, result, clock, keyframe
+    def __init__(self, job: ChunkJob, clock: _Clock, keyframe: int) -> None:
+        self.job, self.clock, self.keyframe = job, clock, keyframe
+        self.segments: list[Segment] = []
         self.times: dict[int, float] = {}  # target pts -> target time as planned
         self.wanted: set[int] = set()  # targets not yet returned
         self.unfed: set[int] = set()  # targets whose packet has not been fed yet
         self.previous = None  # last good frame, the stand-in for a lost target after it
+        self.fed: list[FedPacket] = []  # every packet fed, in decode order
+        self.arrived: set[int] = set()  # pts of every picture the decoder returned
+        self.intact: set[int] = set()  # ... of those it did not flag corrupt
+        self.kept: dict[int, tuple[int, np.ndarray]] = {}  # target pts -> (pts returned, RGB)
 
-    def add(self, targets) -> None:
-        for t in targets:
+    def add(self, segment: Segment) -> None:
+        self.segments.append(segment)
+        for t in segment.targets:
             pts = self.clock.pts(t)
             self.times[pts] = t
             self.wanted.add(pts)
             self.unfed.add(pts)
 
-    def feed(self, ctx, packet) -> None:
+    def feed(self, ctx, packet, reference: bool) -> None:
         self.unfed.discard(packet.pts)
+        self.fed.append(FedPacket(packet.pts, packet.is_keyframe, reference, packet.is_corrupt))
         try:
             frames = ctx.decode(packet)
         except av.FFmpegError:
-            self.result.lost += 1
-            return
+            return  # the failed picture never arrives: damaged_frames sees that
         self._take(frames)
 
     def finish(self, ctx) -> None:
-        """Drain the decoder, settle targets that never arrived, and reset for the next seek."""
+        """Drain the decoder and reset it for the next seek."""
         try:
             self._take(ctx.decode(None))
         except av.FFmpegError:
-            self.result.lost += 1
+            pass  # as in feed
         ctx.flush_buffers()
+
+    def lost_a_picture(self) -> bool:
+        return any(f.pts >= self.keyframe and f.pts not in self.arrived for f in self.fed)
+
+    def settle(self, result: ChunkResult) -> None:
+        """Stand in for targets that never arrived, judge every target, and add them to `result`."""
         if self.previous is not None:
             for target in sorted(self.wanted):
                 self._keep(target, self.previous)
+        damaged = damaged_frames(self.fed, self.intact, self.keyframe)
+        for target, (got, rgb) in self.kept.items():
+            result.targets.append(self.times[target])
+            result.returned.append(self.clock.seconds(got))
+            result.frames.append(rgb)
+            if got != target or target in damaged:
+                result.lost.add(self.times[target])
 
     def _take(self, frames) -> None:
         for frame in frames:
             if frame.pts is None or frame.pts < self.keyframe:
                 continue  # open-GOP leading frames whose references precede the seek point
+            self.arrived.add(frame.pts)
             if frame.is_corrupt:
-                self.result.lost += 1
                 continue
+            self.intact.add(frame.pts)
             for target in sorted(t for t in self.wanted if t < frame.pts):  # lost: their frame never came
                 self._keep(target, self.previous if self.previous is not None else frame)
             if frame.pts in self.wanted:
@@ -388,9 +517,7 @@ class _Run:
 
     def _keep(self, target: int, frame) -> None:
         self.wanted.discard(target)
-        self.result.targets.append(self.times[target])
-        self.result.returned.append(self.clock.seconds(frame.pts))
-        self.result.frames.append(to_rgb(frame, self.job.size, self.job.rotation))
+        self.kept[target] = (frame.pts, to_rgb(frame, self.job.size, self.job.rotation))
 
 
 def to_rgb(frame: av.VideoFrame, size: tuple[int, int], rotation: int) -> np.ndarray:

@@ -4,6 +4,12 @@ Only packet headers are read, plus a single decoded frame: PyAV exposes the disp
 matrix (rotation) only on decoded frames, and decoding one frame also proves that the
 stream is decodable before a pipeline commits work to it. Keyframes come from packet
 flags, so they are the points the decoder can really start from.
+
+A truncated file is described by what it holds: the frame table, `duration` and
+`frame_count` cover the packets really in the file (the last one possibly cut short),
+so a sampler planning from `duration` never asks for the missing tail. `truncated`
+records that the index promised more (or reading stopped on an error), so the decoder
+can call any sample past the end lost rather than answer it with the last frame.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class VideoInfo:
     start_time: float
     keyframes: list[float]
     frame_times: np.ndarray = field(repr=False)
+    truncated: bool = False  # the file ends before the frames its index lists, or reading it failed part way
 
 
 @contextlib.contextmanager
@@ -84,8 +91,9 @@ def ffmpeg_errors(path: str, action: str, kind: type[VideoError] = CorruptVideo)
         av.logging.set_skip_repeated(previous_skip)
 
 
+MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # top-level boxes a file may start with
 CONTAINER_MAGIC = (  # (offset, bytes): MP4/MOV boxes, Matroska/WebM, AVI/WAV, Ogg, FLV, MPEG-TS
-    *((4, box) for box in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")),
+    *((4, box) for box in MP4_BOXES),
     (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"OggS"), (0, b"FLV"), (0, b"\x47"),
 )
 
@@ -123,11 +131,47 @@ def check_file(path: str) -> None:
 
 
 def video_stream(container: av.container.InputContainer, path: str) -> av.video.stream.VideoStream:
-    """The main video stream: the first one that is not an attached cover picture."""
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:
-            return stream
-    raise NotAVideo(path, "no video stream (audio-only or data-only file)")
+    """The main video stream: the first one that is not an attached cover picture.
+
+    A file cut inside its index may declare no video stream, or one without a codec; that
+    is a damaged file, not an audio-only one or an unsupported codec, and is called so.
+    """
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if streams and streams[0].codec_context is not None:
+        return streams[0]
+    cut = truncated_index(path)
+    if cut:
+        raise CorruptVideo(path, f"truncated: {cut}")
+    if not streams:
+        raise NotAVideo(path, "no video stream (audio-only or data-only file)")
+    raise UnsupportedVideo(path, "FFmpeg has no decoder for its video codec")
+
+
+def truncated_index(path: str) -> str | None:
+    """Why an MP4/MOV file's index (its moov box) is cut short, or None.
+
+    FFmpeg opens a file cut inside the moov with whatever streams it had read so far,
+    often none, which would otherwise read as "no video stream".
+    """
+    size = os.path.getsize(path)
+    offset = 0
+    with open(path, "rb") as f:
+        while offset + 8 <= size:
+            f.seek(offset)
+            header = f.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if offset == 0 and kind not in MP4_BOXES:
+                return None  # not an MP4/MOV file
+            if length == 1 and len(header) == 16:  # 64-bit size
+                length = int.from_bytes(header[8:16], "big")
+            if length < 8:  # 0 runs to the end of the file; smaller ones are not a box
+                return None
+            if offset + length > size:
+                if kind != b"moov":
+                    return None
+                return f"the index (moov box) needs {length} bytes but the file ends {size - offset} bytes into it"
+            offset += length
+    return None
 
 
 def check_dimensions(path: str, width: int, height: int) -> None:
@@ -150,20 +194,34 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         ctx = stream.codec_context
         check_dimensions(path, ctx.width, ctx.height)
         with ffmpeg_errors(path, "reading packets"):
-            pts, durations, keys, first_frame = _scan_packets(container, stream, path)
+            scan = _scan_packets(container, stream, path)
+        pts, keys = scan.pts, scan.keys
         if len(pts) == 0:
             raise CorruptVideo(path, "no video packets with timestamps")
-        if first_frame is None:
+        if scan.first_frame is None:
             raise CorruptVideo(path, f"none of {len(pts)} video packets could be decoded")
         if not keys.any():
             raise CorruptVideo(path, "no keyframe: the decoder has nowhere to start")
-        if stream.frames and stream.frames > len(pts):
+        promised = stream.frames and stream.frames > scan.packets  # discarded preroll counts in the index too
+        if promised:
             warnings.warn(
-                f"{path}: truncated: the index lists {stream.frames} frames but only {len(pts)} are in the file",
+                f"{path}: truncated: the index lists {stream.frames} frames but only {scan.packets} are in the file",
                 TruncatedVideoWarning,
                 stacklevel=2,
             )
-        return _describe(path, stream, first_frame, pts, durations, keys)
+        info = _describe(path, stream, scan.first_frame, pts, scan.durations, keys)
+        info.truncated = bool(promised or scan.read_error)
+        return info
+
+
+@dataclass
+class _Scan:
+    pts: np.ndarray  # [N] int64, sorted: presentation timestamps of the frames
+    durations: np.ndarray  # [N] int64, in the same order
+    keys: np.ndarray  # [N] bool, in the same order
+    first_frame: av.VideoFrame | None
+    packets: int  # packets with data, discarded ones included (what the index counts)
+    read_error: bool  # reading stopped on an error: the rest of the file is lost
 
 
 def _scan_packets(container, stream, path: str):
@@ -173,10 +231,11 @@ def _scan_packets(container, stream, path: str):
     so they are left out. A read error part way is a truncated file: what was read is kept.
     """
     pts, durations, keys = [], [], []
-    first_frame = None
+    first_frame, packets, read_error = None, 0, False
     ctx = stream.codec_context
     try:
         for packet in container.demux(stream):
+            packets += packet.size > 0
             if packet.pts is None or packet.size == 0 or packet.is_discard:
                 continue
             pts.append(packet.pts)
@@ -187,12 +246,13 @@ def _scan_packets(container, stream, path: str):
     except av.FFmpegError as e:
         if not pts:
             raise
+        read_error = True
         warnings.warn(f"{path}: truncated: reading stopped after {len(pts)} frames ({e})", TruncatedVideoWarning, stacklevel=3)
     if first_frame is None and pts:
         first_frame = _try_decode(ctx, None)  # drain: a lone frame may sit in the reorder buffer
     order = np.argsort(pts, kind="stable")
-    return (np.asarray(pts, dtype=np.int64)[order], np.asarray(durations, dtype=np.int64)[order],
-            np.asarray(keys, dtype=bool)[order], first_frame)
+    return _Scan(np.asarray(pts, dtype=np.int64)[order], np.asarray(durations, dtype=np.int64)[order],
+                 np.asarray(keys, dtype=bool)[order], first_frame, packets, read_error)
 
 
 def _try_decode(ctx, packet):

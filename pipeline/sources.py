@@ -3,9 +3,9 @@
 How to use:
 
     for src in list_sources("s3://archive/cams/", glob="*/2026-*.mp4"):
-        vid = video_id(src)                      # content identity, never the name
-        with local_copy(src) as path:            # a local path to decode (S3: a temp copy)
-            info = probe(path)
+        vid, _ = content_id(src)                 # sha256 of the content, never the name
+        with SourceCache().open(src) as copy:    # a local path (S3: one node-local copy)
+            info = probe(copy.path)
         with open_source(src) as f: ...          # or a seekable file, S3 range GETs
 
 `uri` may be a directory (walked recursively), a single video file, an s3://bucket/prefix
@@ -20,6 +20,7 @@ for a manifest entry, the entry as written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import io
@@ -39,8 +40,6 @@ VIDEO_EXTENSIONS = frozenset(
 MANIFEST_SUFFIXES = (".txt", ".lst", ".parquet")
 LIST_PAGE_SIZE = 1000  # keys per list_objects_v2 page (S3's maximum)
 DOWNLOAD_CHUNK = 8 << 20
-SAMPLE_BYTES = 64 * 1024  # each of the start/middle/end chunks hashed into video_id
-ID_VERSION = b"framekv-video-id-v1"
 
 
 class SourceError(VideoError):
@@ -242,29 +241,38 @@ def read_range(src: SourceVideo, start: int, end: int, endpoint_url: str | None 
         raise SourceError(src.uri, f"cannot read: {e.strerror or e}") from None
 
 
-def video_id(src: SourceVideo, endpoint_url: str | None = None) -> str:
-    """sha256 (hex) of a video's content identity, never of its name.
+def content_id(src: SourceVideo, endpoint_url: str | None = None) -> tuple[str, int]:
+    """(sha256 hex of the whole content, bytes read): a video's identity, never its name.
 
-    Hashed: the size, the S3 ETag (a content hash on S3; CopyObject keeps it) and three
-    64 KiB chunks at the start, middle and end (the whole file when it is smaller). A
-    local file's mtime is *not* hashed: a copy of the same content under another name
-    must get the same id. Any re-encode or edit that changes the size, the ETag or a
-    sampled chunk gives a new id.
+    The plain sha256 of the bytes, so `sha256sum FILE` gives the same id. Any edit, even
+    one that keeps the size, gives a new id; a copy or rename keeps it. Ingest computes it
+    once per (uri, size, mtime/ETag) and remembers it in the catalog; S3 sources are
+    hashed while they are downloaded for decoding (`SourceCache.fetch`), not read twice.
     """
-    h = hashlib.sha256(ID_VERSION)
-    h.update(f"size={src.size}\n".encode())
-    if src.is_s3:
-        h.update(f"etag={src.etag}\n".encode())
-    if src.size <= 3 * SAMPLE_BYTES:
-        ranges = [(0, src.size)]
-    else:
-        mid = (src.size - SAMPLE_BYTES) // 2
-        ranges = [(0, SAMPLE_BYTES), (mid, mid + SAMPLE_BYTES), (src.size - SAMPLE_BYTES, src.size)]
-    for start, end in ranges:
-        chunk = read_range(src, start, end, endpoint_url)
-        if len(chunk) != end - start:
-            raise SourceError(src.uri, f"changed since it was listed (size was {src.size} bytes)")
-        h.update(chunk)
+    if not src.is_s3:
+        digest = sha256_file(pinned_local_path(src))
+        pinned_local_path(src)  # rewritten while we read: the bytes hashed are not one version
+        return digest, src.size
+    h = hashlib.sha256()
+    try:
+        for chunk in _s3_body(src, endpoint_url).iter_chunks(DOWNLOAD_CHUNK):
+            h.update(chunk)
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(src.uri, _read_failure(e)) from None
+    return h.hexdigest(), src.size
+
+
+def sha256_file(path: str) -> str:
+    """sha256 hex of a local file, read in chunks."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(DOWNLOAD_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise SourceError(path, f"cannot read: {e.strerror or e}") from None
     return h.hexdigest()
 
 
@@ -328,22 +336,140 @@ def pinned_local_path(src: SourceVideo) -> str:
     return src.uri
 
 
-@contextlib.contextmanager
-def local_copy(src: SourceVideo, endpoint_url: str | None = None, tmp_dir: str | None = None) -> Iterator[str]:
-    """A local path to decode from: the file itself (pinned to its listed size and mtime),
-    or an S3 object downloaded to a temp file (pinned to the listed ETag, so we decode
-    what was identified) and removed after."""
-    if not src.is_s3:
-        yield pinned_local_path(src)
-        return
+def _s3_body(src: SourceVideo, endpoint_url: str | None):
+    """The object's streaming body, pinned to the listed ETag."""
     bucket, key = parse_s3_uri(src.uri)
-    with tempfile.TemporaryDirectory(prefix="framekv-src-", dir=tmp_dir) as tmp:
-        path = os.path.join(tmp, "video" + os.path.splitext(key)[1].lower())
+    try:
+        return s3_client(endpoint_url).get_object(Bucket=bucket, Key=key, IfMatch=f'"{src.etag}"')["Body"]
+    except Exception as e:
+        raise SourceError(src.uri, _read_failure(e)) from None
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """A path PyAV can open for a source, and what getting it cost."""
+
+    path: str
+    sha256: str | None  # content id when this call read the bytes (a download or a hash)
+    bytes_read: int  # bytes read from the source by this call (0: reused a node-local copy)
+
+
+class SourceCache:
+    """Node-local copies of S3 sources, shared by every process of a node.
+
+    Planning a video downloads it once (hashing the bytes on the way: the content id),
+    and every window decoded on that node opens the same copy, so a video is read once
+    per node per run, however its windows are scheduled. A reader holds a shared lock on
+    the entry while it decodes; a download holds an exclusive one, so two tasks on a node
+    never download the same video twice. Entries go when the cache outgrows `max_bytes`
+    (least recently used first, never one in use) and at the end of a run (`clear`);
+    locks die with their process, so the leftovers of a killed worker are removed too.
+    """
+
+    def __init__(self, root: str | None = None, max_bytes: int | None = None):
+        self.root = Path(root or os.environ.get("FRAMEKV_SOURCE_CACHE")
+                         or os.path.join(tempfile.gettempdir(), "framekv-sources"))
+        self.max_bytes = max_bytes if max_bytes is not None else int(
+            os.environ.get("FRAMEKV_SOURCE_CACHE_BYTES", 32 << 30))
+
+    def _entry(self, src: SourceVideo) -> Path:
+        name = hashlib.sha256(f"{src.uri}\0{src.etag}".encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        ext = os.path.splitext(src.uri)[1].lower()
+        return self.root / (name + (ext if ext in VIDEO_EXTENSIONS else ""))
+
+    @contextlib.contextmanager
+    def open(self, src: SourceVideo, endpoint_url: str | None = None) -> Iterator[LocalCopy]:
+        """A local path for `src` held for the block: the file itself for a local source
+        (pinned to its listed size and mtime), a node-local copy for S3."""
+        if not src.is_s3:
+            yield LocalCopy(pinned_local_path(src), None, 0)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = self._entry(src)
+        with self._locked(entry, fcntl.LOCK_SH) as lock:  # readers share a complete copy
+            copy = LocalCopy(str(entry), None, 0)
+            if not entry.is_file():
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one downloader; waits for another one's download
+                if not entry.is_file():
+                    copy = self._download(src, entry, endpoint_url)
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            os.utime(lock.name)  # recency, for eviction
+            yield copy
+
+    @contextlib.contextmanager
+    def _locked(self, entry: Path, mode: int) -> Iterator:
+        """The entry's lock file, locked; re-opened if an eviction removed it meanwhile
+        (a lock on a removed file would protect nothing)."""
+        path = f"{entry}.lock"
+        while True:
+            with open(path, "a+") as lock:
+                fcntl.flock(lock, mode)
+                try:
+                    current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+                except FileNotFoundError:
+                    current = False
+                if current:
+                    yield lock
+                    return
+
+    def _download(self, src: SourceVideo, entry: Path, endpoint_url: str | None) -> LocalCopy:
+        self._evict(src.size)
+        part = entry.with_name(f"{entry.name}.part-{os.getpid()}")
+        h = hashlib.sha256()
         try:
-            body = s3_client(endpoint_url).get_object(Bucket=bucket, Key=key, IfMatch=f'"{src.etag}"')["Body"]
-            with open(path, "wb") as f:
+            body = _s3_body(src, endpoint_url)
+            with open(part, "wb") as f:
                 for chunk in body.iter_chunks(DOWNLOAD_CHUNK):
+                    h.update(chunk)
                     f.write(chunk)
-        except Exception as e:
+            size = part.stat().st_size
+            if size != src.size:
+                raise SourceError(src.uri, f"read {size} bytes, listed as {src.size} bytes")
+            os.replace(part, entry)
+        except SourceError:
+            part.unlink(missing_ok=True)
+            raise
+        except Exception as e:  # a body cut mid-stream, a reset: botocore does not retry those
+            part.unlink(missing_ok=True)
             raise SourceError(src.uri, _read_failure(e)) from None
-        yield path
+        return LocalCopy(str(entry), h.hexdigest(), size)
+
+    def _entries(self) -> list[tuple[float, Path]]:
+        """(last use, entry) of every entry, complete or partial, oldest first."""
+        out = {}
+        for path in self.root.iterdir():
+            entry = self.root / path.name.split(".lock")[0].split(".part-")[0]
+            with contextlib.suppress(FileNotFoundError):
+                out[entry] = max(out.get(entry, 0.0), path.stat().st_mtime)
+        return sorted((t, e) for e, t in out.items())
+
+    def _remove_if_unused(self, entry: Path) -> int:
+        """Delete an entry and partial downloads of it if nobody holds it; bytes freed."""
+        path = f"{entry}.lock"
+        with open(path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # in use
+            freed = 0
+            for f in [entry, *entry.parent.glob(f"{entry.name}.part-*")]:
+                with contextlib.suppress(FileNotFoundError):
+                    freed += f.stat().st_size
+                    f.unlink()
+            os.unlink(path)  # while locked: a waiter re-opens a fresh lock file (_locked)
+            return freed
+
+    def _evict(self, incoming: int) -> None:
+        entries = self._entries()
+        used = sum(e.stat().st_size for _, e in entries if e.is_file())
+        for _, entry in entries:
+            if used + incoming <= self.max_bytes:
+                break
+            used -= self._remove_if_unused(entry)
+
+    def clear(self) -> int:
+        """Remove every entry not in use (the end of a run, or a killed one's leftovers);
+        returns the bytes freed."""
+        if not self.root.is_dir():
+            return 0
+        return sum(self._remove_if_unused(entry) for _, entry in self._entries())

@@ -18,12 +18,16 @@ pickled, so it can be shipped to Ray tasks: each process makes its own client.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import numbers
 import os
 import re
 import tempfile
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
@@ -66,7 +70,7 @@ def video_prefix(model_fp: str, video_id: str) -> str:
 
 
 def window_key(model_fp: str, video_id: str, index: int) -> str:
-    """Key of window `index` of a video (DESIGN.md 2), relative to the index root."""
+    """Key of window `index` of a video (docs/METHOD.md, 'Object keys'), relative to the index root."""
     if not isinstance(index, numbers.Integral) or isinstance(index, bool) or not 0 <= index <= 999_999:
         raise ValueError(f"window index must be an int in 0..999999, got {index!r}")
     return f"{video_prefix(model_fp, video_id)}w{int(index):06d}.safetensors"
@@ -205,6 +209,103 @@ class LocalStore:
                 pass
         return removed
 
+    # Conditional writes (the ingest lease, pipeline/lease.py). A version is the sha256 of
+    # the content, as an ETag names a single-PUT object on S3.
+
+    def get_with_version(self, key: str) -> tuple[bytes, str, float]:
+        """(data, version, age): age is the seconds since the file was last written (its mtime)."""
+        try:
+            with open(self._path(key), "rb") as f:
+                mtime = os.fstat(f.fileno()).st_mtime
+                data = f.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(key, f"not found in {self.uri}") from None
+        except OSError as e:
+            raise StoreError(key, f"read failed: {e.strerror or e}") from e
+        return data, hashlib.sha256(data).hexdigest(), max(0.0, time.time() - mtime)
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the object unless the key exists; its version, or None if it exists. The
+        content goes to a temp file that is then link(2)ed to the key: the link fails when
+        the key exists, and readers never see a partial file (needs hard links: local
+        filesystems and NFS have them)."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            try:
+                os.fchmod(fd, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            self._fsync_dir(path.parent)
+        except OSError as e:
+            raise StoreError(key, f"create failed: {e.strerror or e}") from e
+        return hashlib.sha256(data).hexdigest()
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        """Replace the object if its current version is `version` (compare-and-swap); the
+        new version, or None if it is missing or of another version."""
+        with self._locked(key):
+            try:
+                current = self._path(key).read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise StoreError(key, f"read failed: {e.strerror or e}") from e
+            if hashlib.sha256(current).hexdigest() != version:
+                return None
+            self.put(key, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_if_match(self, key: str, version: str) -> bool:
+        """Delete the object if its current version is `version`; False if another version
+        is there. A missing object counts as deleted."""
+        path = self._path(key)
+        with self._locked(key):
+            try:
+                if hashlib.sha256(path.read_bytes()).hexdigest() != version:
+                    return False
+                path.unlink()
+                self._fsync_dir(path.parent)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StoreError(key, f"delete failed: {e.strerror or e}") from e
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """Exclusive flock on the sidecar `<key>.lock`, which makes a read-compare-replace
+        atomic against other conditional writers (processes, threads, NFS clients). The
+        sidecar is never deleted: a deleted lock file lets two writers lock two files."""
+        path = self._path(f"{key}.lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(key, f"cannot open lock file {path.name}: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        """Make a link, rename or unlink in `path` durable."""
+        dir_fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
 
 _clients: dict[tuple[int, str | None, str | None], object] = {}
 _clients_lock = threading.Lock()
@@ -224,7 +325,7 @@ def s3_client(endpoint_url: str | None = None):
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
-            config = Config(retries={"mode": "adaptive", "max_attempts": 10})
+            config = Config(retries={"mode": "adaptive", "total_max_attempts": 10})
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
             _clients[cache_key] = client
     return client
@@ -249,6 +350,15 @@ def s3_error_reason(err: Exception) -> tuple[str, str]:
 
 
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+BODY_ATTEMPTS = 3  # reads of a response body cut off mid-stream
+
+
+def _cut_off(err: Exception) -> bool:
+    """A response body that ended early or stalled (the request itself had succeeded)."""
+    from botocore.exceptions import ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+
+    return isinstance(err, (ResponseStreamingError, ReadTimeoutError, ProtocolError))
 
 
 class S3Store:
@@ -321,10 +431,20 @@ class S3Store:
                 pass  # the original error is the one worth reporting; lifecycle rules clean up
             raise
 
+    def _read(self, key: str, **args) -> bytes:
+        """GET and read the body. botocore retries the request, but not a body cut off
+        mid-stream (the call has returned by then): that is re-tried here."""
+        for attempt in range(BODY_ATTEMPTS):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **args)["Body"].read()
+            except Exception as e:
+                if not _cut_off(e) or attempt == BODY_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def get(self, key: str) -> bytes:
-        s3_key = self._key(key)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=s3_key)["Body"].read()
+            return self._read(key)
         except Exception as e:
             raise self._error(key, e) from None
 
@@ -333,10 +453,8 @@ class S3Store:
         if start == end:
             self.size(key)  # still report a missing object
             return b""
-        s3_key = self._key(key)
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=s3_key, Range=f"bytes={start}-{end - 1}")
-            data = resp["Body"].read()
+            data = self._read(key, Range=f"bytes={start}-{end - 1}")
         except Exception as e:
             if s3_error_reason(e)[0] == "InvalidRange":
                 raise StoreError(key, f"byte range [{start}, {end}) beyond object size") from None
@@ -394,6 +512,60 @@ class S3Store:
         except Exception as e:
             raise self._error(root or "/", e) from None
         return removed
+
+    # Conditional writes (the ingest lease, pipeline/lease.py): S3's If-None-Match and
+    # If-Match on PutObject and If-Match on DeleteObject, atomic on S3. A version is an ETag.
+
+    def get_with_version(self, key: str) -> tuple[bytes, str, float | None]:
+        """(data, ETag, age): age is the seconds since the object was last written by S3's own
+        clock (the response's Date minus LastModified, both in whole seconds, so one second
+        is taken off: a lower bound), None if the response has no Date."""
+        for attempt in range(BODY_ATTEMPTS):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                data = resp["Body"].read()
+                break
+            except Exception as e:
+                if not _cut_off(e) or attempt == BODY_ATTEMPTS - 1:
+                    raise self._error(key, e) from None
+        date = resp["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        age = None if not date else max(0.0, (parsedate_to_datetime(date) - resp["LastModified"]).total_seconds() - 1)
+        return data, resp["ETag"], age
+
+    def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create the object unless the key exists (If-None-Match: *); its ETag, or None if
+        the key exists or a concurrent conditional write conflicted (409). After a lost
+        response botocore's retry sees 412 for its own write: read back to know."""
+        return self._put_conditional(key, data, IfNoneMatch="*")
+
+    def put_if_match(self, key: str, data: bytes, version: str) -> str | None:
+        """Replace the object if its ETag is `version` (If-Match); the new ETag, or None if it
+        is missing, of another version, or a concurrent conditional write conflicted (409)."""
+        return self._put_conditional(key, data, IfMatch=version)
+
+    def _put_conditional(self, key: str, data: bytes, **condition: str) -> str | None:
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)["ETag"]
+        except Exception as e:
+            if s3_error_reason(e)[0] in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                                         *MISSING_CODES}:
+                return None
+            raise self._error(key, e) from None
+
+    def delete_if_match(self, key: str, version: str) -> bool:
+        """Delete the object if its ETag is `version` (DeleteObject If-Match); False if another
+        version is there or a concurrent conditional write conflicted (409). A missing
+        object counts as deleted (also what a retry after a lost response sees)."""
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key), IfMatch=version)
+        except Exception as e:
+            code = s3_error_reason(e)[0]
+            if code in MISSING_CODES:
+                return True
+            if code in {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}:
+                return False
+            raise self._error(key, e) from None
+        return True
 
 
 def open_store(index_uri: str, endpoint_url: str | None = None) -> ObjectStore:

@@ -93,9 +93,9 @@ def indexed(tmp_path_factory):
     questions = write_sample_archive(root / "archive", videos=2, seconds=(40, 24))
     make_text_file(root / "archive" / "broken.mp4")
     index = str(root / "index")
-    code = main(["ingest", str(root / "archive"), "--index", index, "--window", "16",
-                 "--num-cpus", "2", "--no-progress"])
-    assert code == 0
+    argv = ["ingest", str(root / "archive"), "--index", index, "--window", "16", "--num-cpus", "2", "--no-progress"]
+    assert main(argv) == 3  # the broken file failed: a scheduler must see it
+    assert main([*argv, "--max-failed", "1"]) == 0  # tolerated (and not re-read)
     return root, index, questions
 
 
@@ -106,12 +106,15 @@ def test_ingest_then_status(indexed, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["videos"]["ready"] == 2 and status["videos"]["failed"] == 1
     assert status["frames"] == 40 + 24 and status["windows"] == 3 + 2
-    assert status["last_run"]["counts"]["windows_encoded"] == 5
+    first, second = status["runs"][::-1]  # runs are listed newest first
+    assert (first["counts"]["windows_encoded"], second["counts"]["windows_encoded"]) == (5, 0)
+    assert second["counts"]["skipped"] == 3 and first["counts"]["failures"][0]["error_class"] == "permanent"
     assert [f["uri"] for f in status["failed"]] == [str(root / "archive" / "broken.mp4")]
 
     assert main(["status", index]) == 0
     text = capsys.readouterr().out
-    assert "2 ready, 1 failed" in text and "broken.mp4" in text
+    assert "2 ready, 1 failed" in text and "broken.mp4" in text and "(permanent, 1 attempts)" in text
+    assert text.count(" run ") >= 2  # the recent runs
 
 
 def test_ask_one_video_matches_model_ask(indexed, capsys):

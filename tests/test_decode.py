@@ -60,6 +60,7 @@ def test_exact_mode_equals_sequential_decode(matrix_videos, name, workers):
     got = decode_frames(path, times, workers=workers)
     want_pts, want = pick(times, frame_times, frames)
     assert isinstance(got, DecodedFrames) and not got.approximate and got.lost == 0
+    assert got.lost_times.dtype == np.float64 and got.lost_times.shape == (0,)
     assert got.frames.dtype == np.uint8 and got.frames.shape == want.shape
     np.testing.assert_array_equal(got.times, times)
     np.testing.assert_allclose(got.pts, want_pts, rtol=0, atol=1e-9)

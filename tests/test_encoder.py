@@ -10,6 +10,7 @@ from model.config import IndexConfig, lp_schedule
 from model.encoder import WindowEncoder, WindowInput, frame_vectors, query_vector
 from model.kvcache import reader_from_bytes, sha256_hex
 from model.lpcomp import prefill_windows
+from tests.tolerance import assert_close_scaled
 
 DURATION = 120.0
 
@@ -60,9 +61,9 @@ def test_objects_hold_exactly_the_prefill_kv(encoder):
         # Frame vectors: pooled keys of the vector layer, unit norm.
         kvh, hd = kv.keys[0].shape[2:]
         assert e.frame_vectors.shape == (len(w.times), kvh * hd) and e.frame_vectors.dtype == np.float32
-        np.testing.assert_allclose(np.linalg.norm(e.frame_vectors, axis=1), 1.0, rtol=1e-6)
+        assert_close_scaled(np.linalg.norm(e.frame_vectors, axis=1), np.ones(len(w.times), np.float32), msg="norms")
         pooled = kv.keys[encoder.vector_layer].mean(1).flatten(1)
-        np.testing.assert_allclose(e.frame_vectors, (pooled / pooled.norm(dim=1, keepdim=True)).numpy(), atol=1e-6)
+        assert_close_scaled(e.frame_vectors, (pooled / pooled.norm(dim=1, keepdim=True)).numpy(), msg="frame vectors")
 
 
 def test_encoding_is_deterministic(encoder):
@@ -84,9 +85,9 @@ def test_query_vector_matches_mean_attention_logit():
 
     qbar = q.mean(0).reshape(kvh, heads // kvh, hd).mean(1).flatten()
     kbar = keys.mean(1).flatten(1)
-    torch.testing.assert_close(kbar @ qbar, kvh * mean_logit, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(query_vector(q, kvh), (qbar / qbar.norm()).numpy(), atol=1e-6)
-    np.testing.assert_allclose(frame_vectors(keys), (kbar / kbar.norm(dim=1, keepdim=True)).numpy(), atol=1e-6)
+    assert_close_scaled(kbar @ qbar, kvh * mean_logit, msg="logits")
+    assert_close_scaled(query_vector(q, kvh), (qbar / qbar.norm()).numpy(), msg="query vector")
+    assert_close_scaled(frame_vectors(keys), (kbar / kbar.norm(dim=1, keepdim=True)).numpy(), msg="frame vectors")
     with pytest.raises(ValueError, match="do not group"):
         query_vector(q, 3)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 import model.kvcache as kvcache
 from model.config import lp_schedule
-from model.kvcache import CacheError, WindowReader, reader_from_bytes, sha256_hex, write_window
+from model.kvcache import CacheError, WindowReader, header_digest, reader_from_bytes, sha256_hex, write_window
 
 NAME = "idx/fp/ab/abcdef/w000003.safetensors"
 FRAMES, N0, KVH, HD, DIM = 6, 8, 2, 16, 32
@@ -71,7 +72,7 @@ def test_lossless_round_trip_full_and_range_reads():
     kv, emb, times = make_window()
     blob = write(kv, emb, times)
     rr = CountingRange(blob)
-    reader = WindowReader(rr, NAME)  # no size: no prefetch, so every tensor read shows
+    reader = WindowReader(rr, NAME, header_sha256=None)  # no size: no prefetch, so every tensor read shows
     (n,) = struct.unpack("<Q", blob[:8])
     assert rr.calls == [(0, 8), (8, 8 + n)]
 
@@ -119,7 +120,7 @@ def test_reader_with_size_prefetches_header_in_one_read(monkeypatch):
     prefetch = min(e for _, e in spans.values()) + 10  # header, first tensor, a bit more
     monkeypatch.setattr(kvcache, "_HEADER_PREFETCH", prefetch)
     rr = CountingRange(blob)
-    reader = WindowReader(rr, NAME, size=len(blob))
+    reader = WindowReader(rr, NAME, size=len(blob), header_sha256=header_digest(blob))
     assert rr.calls == [(0, prefetch)]
     inside = [t for t, (_, e) in spans.items() if e <= prefetch]
     outside = min((t for t in spans if t not in inside), key=lambda t: spans[t][0])
@@ -142,7 +143,8 @@ def test_reader_over_a_local_store(tmp_path):
     store = open_store(str(tmp_path))
     key = window_key("0123456789abcdef", "ab" * 16, 3)
     store.put(key, blob)
-    reader = WindowReader(lambda s, e: store.get_range(key, s, e), key, size=store.size(key))
+    reader = WindowReader(lambda s, e: store.get_range(key, s, e), key, size=store.size(key),
+                          header_sha256=header_digest(blob))
     ref = reader_from_bytes(blob, key, sha256=sha256_hex(blob))
     for a, b in zip(reader.window_kv([5]), ref.window_kv([5])):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -154,7 +156,7 @@ def test_header_longer_than_the_prefetch_takes_a_second_read(monkeypatch):
     kv, emb, times = make_window()
     blob = write(kv, emb, times)
     rr = CountingRange(blob)
-    reader = WindowReader(rr, NAME, size=len(blob))
+    reader = WindowReader(rr, NAME, size=len(blob), header_sha256=header_digest(blob))
     (n,) = struct.unpack("<Q", blob[:8])
     assert rr.calls == [(0, 64), (64, 8 + n)]
     assert torch.equal(reader.embeddings(), emb)
@@ -253,10 +255,10 @@ def test_truncated_object_is_a_clear_error():
     with pytest.raises(CacheError, match=f"{NAME}.*truncated object"):
         reader_from_bytes(blob[:100], NAME)  # header cut short
     with pytest.raises(CacheError, match=f"{NAME}: truncated object"):
-        WindowReader(lambda s, e: blob[:100][s:e], NAME)  # same, size unknown
+        WindowReader(lambda s, e: blob[:100][s:e], NAME, header_sha256=None)  # same, size unknown
     # Size unknown (e.g. a range reader without a HEAD): caught at the short read.
     cut = blob[: len(blob) - 10]
-    reader = WindowReader(lambda s, e: cut[s:e], NAME)
+    reader = WindowReader(lambda s, e: cut[s:e], NAME, header_sha256=None)
     spans = tensor_spans(blob)
     last = max(spans, key=lambda t: spans[t][1])
     assert last.startswith("score.k")  # same dtype as frames, sorted last by name
@@ -313,3 +315,200 @@ def test_writer_rejects_inconsistent_input():
         write(kv, emb, times, quant="int4")
     with pytest.raises(ValueError, match="fast_layers"):
         write_window(kv, emb, times, 10.0, model_fp="x", revision="r", fast_layers=(9,))
+
+
+# ---- the header digest (catalog `header_sha256`) on the range-read path --------------
+
+TIMES = np.array([0.5, 2.5, 4.5, 6.5, 8.5, 10.5])  # frame 1 at 2.5 s, the one moved below
+
+
+def header_of(blob: bytes) -> tuple[int, dict, dict]:
+    """(N, tensor entries, framekv metadata) parsed independently of the reader."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    return n, header, json.loads(header.pop("__metadata__")["framekv"])
+
+
+def rewrite_header(blob: bytes, meta=None, entries=None) -> bytes:
+    """The object with its header rewritten by `meta(dict)` / `entries(dict)`, padded to
+    the same length, so tensor bytes and offsets stay put: a tampering nothing else sees."""
+    n, header, m = header_of(blob)
+    if meta:
+        meta(m)
+    if entries:
+        entries(header)
+    header["__metadata__"] = {"framekv": json.dumps(m, sort_keys=True)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n
+    return blob[:8] + raw.ljust(n) + blob[8 + n :]
+
+
+def range_reader(blob: bytes, digest: str | None) -> WindowReader:
+    """The production path: range reads with the catalog's size and header digest."""
+    return WindowReader(CountingRange(blob), NAME, size=len(blob), header_sha256=digest)
+
+
+def test_header_digest_is_the_sha256_of_length_and_header():
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES)
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert header_digest(blob) == hashlib.sha256(blob[: 8 + n]).hexdigest() == header_digest(blob[: 8 + n])
+    assert header_digest(blob) != header_digest(write(kv, emb, TIMES + 0.125))  # the times are in it
+    with pytest.raises(ValueError, match="no complete header"):
+        header_digest(blob[: 8 + n - 1])
+
+
+def test_untampered_object_reads_the_same_with_its_digest():
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES, quant="int8")
+    checked, unchecked = CountingRange(blob), CountingRange(blob)
+    a = WindowReader(checked, NAME, size=len(blob), header_sha256=header_digest(blob))
+    b = WindowReader(unchecked, NAME, size=len(blob), header_sha256=None)
+    np.testing.assert_array_equal(a.times, TIMES)
+    for x, y in zip(a.window_kv(), b.window_kv()):
+        assert all(torch.equal(p, q) for p, q in zip(x, y))
+    assert torch.equal(a.score_keys(FAST[0]), b.score_keys(FAST[0])) and torch.equal(a.embeddings(), emb)
+    assert checked.calls == unchecked.calls  # the digest costs no read
+    assert a.corrupt_tensors() == []
+
+
+# Header edits of one field each; `silent` ones pass every other check of the reader.
+HEADER_EDITS = {
+    "timestamp 2.5 -> 9.5 s": (lambda m: m["times"].__setitem__(1, 9.5), None, False),
+    "timestamp 2.5 -> 2.75 s": (lambda m: m["times"].__setitem__(1, 2.75), None, True),
+    "frame order": (lambda m: m.__setitem__("times", [0.5, 4.5, 2.5, 6.5, 8.5, 10.5]), None, False),
+    "revision": (lambda m: m.__setitem__("revision", "rev124"), None, True),
+    "format version": (lambda m: m.__setitem__("format_version", 4), None, False),
+    "model fingerprint": (lambda m: m.__setitem__("model_fp", "fp124"), None, True),
+    "duration": (lambda m: m.__setitem__("duration", 60.0), None, True),
+    "a tensor digest": (lambda m: m["sha256"].__setitem__("emb", "0" * 64), None, True),
+    "kv heads <-> head dim": (None, lambda h: [h[t].__setitem__("shape", [h[t]["shape"][0], HD, KVH])
+                                               for t in h if t.startswith("frame.")], False),
+    "frames swapped": (lambda m: m["sha256"].update({"frame.1": m["sha256"]["frame.2"],
+                                                     "frame.2": m["sha256"]["frame.1"]}),
+                       lambda h: h.update({"frame.1": h["frame.2"], "frame.2": h["frame.1"]}), True),
+}
+
+
+@pytest.mark.parametrize("edit", HEADER_EDITS)
+def test_every_header_edit_is_refused_through_range_reads(edit):
+    meta, entries, silent = HEADER_EDITS[edit]
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES)
+    tampered = rewrite_header(blob, meta, entries)
+    assert tampered != blob and len(tampered) == len(blob)
+    digest = header_digest(blob)  # the catalog's, taken when the object was written
+    with pytest.raises(CacheError, match=f"{NAME}: header bytes changed: sha256 {header_digest(tampered)}, "
+                                         f"the catalog recorded {digest}"):
+        range_reader(tampered, digest)
+    if silent:  # without the digest it would have been believed: the digest is what refuses it
+        reader = range_reader(tampered, None)
+        reader.window_kv()
+    else:
+        with pytest.raises(CacheError, match=NAME):
+            range_reader(tampered, None).window_kv()
+
+
+def test_one_flipped_byte_anywhere_in_the_header_is_refused():
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES)
+    (n,) = struct.unpack("<Q", blob[:8])
+    digest, believed = header_digest(blob), 0
+    for pos in range(8 + n):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01
+        bad = bytes(bad)
+        with pytest.raises(CacheError, match=NAME) as e:
+            range_reader(bad, digest)
+        if pos >= 8:  # the length prefix may also say "implausible" or "truncated"
+            assert "header bytes changed" in str(e.value), pos
+        try:
+            range_reader(bad, None)
+            believed += 1
+        except CacheError:
+            pass
+    assert believed > 0  # e.g. digits of times and digests, padding: only the digest catches these
+
+
+def test_digest_is_checked_before_the_header_is_parsed():
+    kv, emb, _ = make_window()
+    blob = bytearray(write(kv, emb, TIMES))
+    digest = header_digest(bytes(blob))
+    blob[8] = ord("x")  # not JSON any more
+    with pytest.raises(CacheError, match=f"{NAME}: header bytes changed"):
+        range_reader(bytes(blob), digest)
+
+
+def test_tensor_byte_flips_fail_when_that_tensor_is_read():
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES, quant="int8")
+    digest = header_digest(blob)
+    spans = tensor_spans(blob)
+    for tname in ("frame.3", "frame.3.scale", f"score.k{FAST[1]}", "kscale", "emb"):
+        start, end = spans[tname]
+        bad = bytearray(blob)
+        bad[start + (end - start) // 3] ^= 0x80
+        reader = range_reader(bytes(bad), digest)  # the header is intact
+        assert reader.corrupt_tensors() == [tname]
+        read = {"frame.3": lambda r: r.frame_kv(3), "frame.3.scale": lambda r: r.window_kv([3]),
+                f"score.k{FAST[1]}": lambda r: r.score_keys(FAST[1]), "kscale": lambda r: r.frame_kv(0),
+                "emb": lambda r: r.embeddings()}[tname]
+        with pytest.raises(CacheError, match=f"{NAME}: sha256 mismatch in tensor '{tname}'"):
+            read(range_reader(bytes(bad), digest))
+        if tname != "kscale":  # every frame's keys need kscale
+            other = range_reader(bytes(bad), digest)
+            k, v = other.frame_kv(1)
+            assert torch.equal(k[0], reader_from_bytes(blob, NAME).frame_kv(1)[0][0])
+
+
+def test_a_row_without_header_digest_is_refused_before_any_read():
+    kv, emb, _ = make_window()
+    rr = CountingRange(write(kv, emb, TIMES))
+    with pytest.raises(CacheError, match=rf"{NAME}: its catalog row has no header digest.*"
+                                         r"re-index or run `framekv verify --repair`"):
+        WindowReader(rr, NAME, size=len(rr.blob), header_sha256="")
+    assert rr.calls == []
+
+
+# Format invariants, checked with or without a digest (a digest proves the bytes are the
+# writer's; these prove the writer's bytes are a window object).
+ROWS = 2 * sum(SCHEDULE)  # rows of a frame.{j} tensor
+LAYOUT_EDITS = {
+    "times not increasing": (lambda m: m.__setitem__("times", [0.5, 2.5, 2.5, 6.5, 8.5, 10.5]), None,
+                             "times are not finite and strictly increasing: frame 2 at 2.5 s after 2.5 s"),
+    "time not finite": (lambda m: m["times"].__setitem__(0, float("nan")), None,
+                        "times are not finite and strictly increasing: frame 0 at nan s"),
+    "a time too few": (lambda m: m["times"].pop(), None,
+                       r"tensors do not match the metadata \(5 times\): missing \[\], unexpected \['frame.5'\]"),
+    "schedule above n0": (lambda m: m["schedule"].__setitem__(0, N0 + 1), None,
+                          rf"schedule \[{N0 + 1}, .*\] does not fit n0 = {N0}"),
+    "fast layer outside": (lambda m: m.__setitem__("fast_layers", [1, 9]), None,
+                           r"fast layers \[1, 9\] are not distinct layers of 0..4"),
+    "score keys reshaped": (None, lambda h: h[f"score.k{FAST[0]}"].__setitem__(
+                                "shape", [FRAMES * SCHEDULE[FAST[0]], 1, KVH, HD]),
+                            rf"tensor 'score.k{FAST[0]}' is torch.float32 \[{FRAMES * SCHEDULE[FAST[0]]}, 1, {KVH}, "
+                            rf"{HD}\], the metadata implies torch.float32 "
+                            rf"\[{FRAMES}, {SCHEDULE[FAST[0]]}, {KVH}, {HD}\]"),
+    "frame shape": (None, lambda h: h["frame.0"].__setitem__("shape", [ROWS, HD, KVH]),
+                    rf"tensor 'frame.0' is torch.float32 \[{ROWS}, {HD}, {KVH}\], "
+                    rf"the metadata implies torch.float32 \[{ROWS}, {KVH}, {HD}\]"),
+}
+
+
+@pytest.mark.parametrize("edit", LAYOUT_EDITS)
+def test_format_invariants_are_checked(edit):
+    meta, entries, message = LAYOUT_EDITS[edit]
+    kv, emb, _ = make_window()
+    blob = write(kv, emb, TIMES)
+    tampered = rewrite_header(blob, meta, entries)
+    rewritten = header_digest(tampered)  # as if the writer itself had produced these bytes
+    with pytest.raises(CacheError, match=f"{NAME}: {message}"):
+        range_reader(tampered, rewritten)
+
+
+def test_writer_refuses_layers_with_more_tokens_than_n0():
+    kv, emb, _ = make_window()
+    wider = KV([torch.cat([kv.keys[0], kv.keys[0][:, :1]], 1)] + kv.keys[1:],
+               [torch.cat([kv.values[0], kv.values[0][:, :1]], 1)] + kv.values[1:])
+    with pytest.raises(ValueError, match=rf"tokens per layer \[{N0 + 1}, .*\] must lie in 1..n0 = {N0}"):
+        write(wider, emb, TIMES)

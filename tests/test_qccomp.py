@@ -24,6 +24,7 @@ from model.lpcomp import WindowKV
 from model.qccomp import QuestionContext, question_queries, score_frames
 from tests.llava_tiny import save_tiny_llava
 from tests.test_lpcomp import eager_attention, naive_reference
+from tests.tolerance import assert_close_scaled
 
 OFF = CompressionConfig(enabled=False)
 ON = CompressionConfig()
@@ -113,7 +114,7 @@ def test_exact_scores_match_eager_reference_uncompressed(model, llava_dir):
     np.testing.assert_allclose(got.times, np.arange(10) + 0.5)
     for w, r in enumerate(readers):
         ref = hf_scores(bb, r.embeddings(), QUESTION[model], layers)
-        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+        assert_close_scaled(got.scores[got.window == w], ref.double().numpy(), msg=f"window {w} scores")
 
 
 @pytest.mark.parametrize("model", ["tiny", "llava"])
@@ -126,7 +127,7 @@ def test_exact_scores_match_naive_reference_compressed(model, llava_dir):
     got = score_frames(bb, readers, QUESTION[model], "exact", batch_windows=2)
     for w, r in enumerate(readers):
         ref = naive_scores(bb, r.embeddings(), QUESTION[model], layers, ON)
-        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+        assert_close_scaled(got.scores[got.window == w], ref.double().numpy(), msg=f"window {w} scores")
 
 
 def fast_reference(bb, reader, question, layer):
@@ -170,7 +171,7 @@ def test_fast_scores_match_hand_reference(model, llava_dir):
     got = score_frames(bb, readers, QUESTION[model], "fast", batch_windows=2)
     for w, r in enumerate(readers):
         ref = sum(fast_reference(bb, r, QUESTION[model], l) for l in fast_layers)
-        np.testing.assert_allclose(got.scores[got.window == w], ref.numpy(), atol=1e-5, rtol=0)
+        assert_close_scaled(got.scores[got.window == w], ref.double().numpy(), msg=f"window {w} scores")
 
 
 @torch.no_grad()
@@ -185,7 +186,7 @@ def test_question_queries_match_hf_forward(llava_dir):
         ref = attn.q_proj(dec.layers[l].input_layernorm(hidden[l][0, len(prefix) + rows]))
         got = question_queries(bb, QUESTION["tiny"], l)
         assert got.shape == (len(rows), dec.config.num_attention_heads, attn.head_dim)
-        torch.testing.assert_close(got.flatten(1), ref, atol=1e-5, rtol=0)
+        assert_close_scaled(got.flatten(1), ref, msg=f"layer {l} queries")
 
 
 @torch.no_grad()
@@ -195,7 +196,7 @@ def test_scores_do_not_depend_on_window_batching(llava_dir):
     for mode in ("exact", "fast"):
         one = score_frames(enc.backbone, readers, QUESTION["tiny"], mode, batch_windows=1)
         many = score_frames(enc.backbone, readers, QUESTION["tiny"], mode, batch_windows=8)
-        np.testing.assert_allclose(one.scores, many.scores, atol=1e-6, rtol=0)
+        assert_close_scaled(one.scores, many.scores, msg=f"{mode} scores")
 
 
 def plant_needle(bb, reader, frame: int, question: str, layers, strength: float = 12.0):

@@ -1,4 +1,4 @@
-"""The LP-Comp schedule (DESIGN.md 1.2) and the compression config around it."""
+"""The LP-Comp schedule (docs/METHOD.md, 'LP-Comp') and the compression config around it."""
 
 import pytest
 

@@ -1,5 +1,6 @@
 """Listing sources and identifying videos by content, on a local folder, moto S3 and manifests."""
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -12,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources
-from pipeline.sources import (
-    SAMPLE_BYTES, SourceError, list_sources, local_copy, open_source, read_range, video_id,
-)
+from pipeline.sources import SourceCache, SourceError, content_id, list_sources, open_source, read_range
 from tests.videos import make_video
 
-BIG = 5 * SAMPLE_BYTES + 17  # large enough that only start/middle/end chunks are hashed
+BIG = 5 * 64 * 1024 + 17  # bytes; a same-size edit anywhere must change the id
+
+
+def video_id(src) -> str:
+    return content_id(src)[0]
 
 
 def _write(path, data: bytes) -> None:
@@ -64,16 +67,14 @@ def test_local_video_id_follows_content_not_name(tmp_path):
     shutil.copy(tmp_path / "orig.mp4", tmp_path / "renamed copy.mp4")  # new name, new mtime
     _write(tmp_path / "small.mp4", data[:1000])
     ids = {s.uri.rsplit("/", 1)[1]: video_id(s) for s in list_sources(str(tmp_path))}
-    assert ids["orig.mp4"] == ids["renamed copy.mp4"]
-    assert len(ids["orig.mp4"]) == 64 and ids["small.mp4"] != ids["orig.mp4"]
+    assert ids["orig.mp4"] == ids["renamed copy.mp4"] == hashlib.sha256(data).hexdigest()
+    assert ids["small.mp4"] != ids["orig.mp4"]
     original = ids["orig.mp4"]
-    for mutate in (
-        lambda d: d[:-1] + bytes([d[-1] ^ 1]),  # last byte
-        lambda d: d[: BIG // 2] + bytes([d[BIG // 2] ^ 1]) + d[BIG // 2 + 1:],  # middle byte
-        lambda d: d + b"\0",  # appended
-    ):
-        _write(tmp_path / "orig.mp4", mutate(data))
-        assert video_id(_one(str(tmp_path / "orig.mp4"))) != original
+    for at in (0, 1000, BIG // 3, BIG // 2, BIG - 1):  # a same-size edit anywhere
+        _write(tmp_path / "orig.mp4", data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        assert video_id(_one(str(tmp_path / "orig.mp4"))) != original, at
+    _write(tmp_path / "orig.mp4", data + b"\0")  # appended
+    assert video_id(_one(str(tmp_path / "orig.mp4"))) != original
     _write(tmp_path / "orig.mp4", data)
     assert video_id(_one(str(tmp_path / "orig.mp4"))) == original
 
@@ -91,7 +92,7 @@ def test_s3_listing_paginates_and_ids_follow_content(s3_bucket, monkeypatch):
     assert len(srcs) == 22 and all(s.uri.startswith(f"s3://{s3_bucket}/cams/") for s in srcs)
     a, b = (next(s for s in srcs if s.uri.endswith(name)) for name in ("/a.mp4", "/sub/b.mp4"))
     id_a = video_id(a)
-    assert a.size == BIG and a.etag == b.etag and id_a == video_id(b)
+    assert a.size == BIG and a.etag == b.etag and id_a == video_id(b) == hashlib.sha256(data).hexdigest()
     assert [s.uri for s in list_sources(f"s3://{s3_bucket}/cams/", glob="sub/*")] == [b.uri]
     assert read_range(a, 10, 20) == data[10:20]
 
@@ -103,34 +104,58 @@ def test_s3_listing_paginates_and_ids_follow_content(s3_bucket, monkeypatch):
         list_sources("s3://no-such-bucket-framekv/x")
 
 
-def test_s3_local_copy_downloads_the_listed_version(s3_bucket):
+def test_source_cache_downloads_once_and_hashes_on_the_way(s3_bucket, tmp_path):
     s3 = boto3.client("s3")
     data = os.urandom(BIG)
     s3.put_object(Bucket=s3_bucket, Key="v/clip.mp4", Body=data)
     src = _one(f"s3://{s3_bucket}/v/clip.mp4")
-    with local_copy(src) as path:
-        assert path.endswith(".mp4") and open(path, "rb").read() == data
-    assert not os.path.exists(path)  # removed afterwards
+    cache = SourceCache(str(tmp_path / "cache"))
+    with cache.open(src) as first:
+        assert first.path.endswith(".mp4") and open(first.path, "rb").read() == data
+        assert (first.sha256, first.bytes_read) == (hashlib.sha256(data).hexdigest(), BIG)
+        with cache.open(src) as again:  # another window on this node: the same copy, no read
+            assert (again.path, again.sha256, again.bytes_read) == (first.path, None, 0)
+        assert cache.clear() == 0  # in use: kept
+    assert cache.clear() == BIG and not os.path.exists(first.path)
     s3.put_object(Bucket=s3_bucket, Key="v/clip.mp4", Body=b"replaced")
     with pytest.raises(SourceError, match="clip.mp4: changed since it was listed"):
-        with local_copy(src):
+        with cache.open(src):
             pass
+    assert os.listdir(tmp_path / "cache") == [] or all(p.endswith(".lock") for p in os.listdir(tmp_path / "cache"))
+
+
+def test_source_cache_evicts_unused_copies_and_leftovers_of_killed_downloads(s3_bucket, tmp_path):
+    s3 = boto3.client("s3")
+    blobs = {f"v/{i}.mp4": os.urandom(BIG) for i in range(3)}
+    for key, data in blobs.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=data)
+    srcs = [_one(f"s3://{s3_bucket}/{key}") for key in blobs]
+    cache = SourceCache(str(tmp_path / "cache"), max_bytes=2 * BIG)
+    with cache.open(srcs[0]) as held:
+        for src in srcs[1:]:
+            with cache.open(src):
+                pass
+        assert os.path.exists(held.path)  # in use: never evicted
+    kept = sorted(p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock"))
+    assert len(kept) == 2  # the cap holds
+    (tmp_path / "cache" / (kept[0] + ".part-12345")).write_bytes(b"half a download of a killed worker")
+    assert cache.clear() >= 2 * BIG
+    assert [p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock")] == []
 
 
 def test_local_source_rewritten_after_listing_is_refused(tmp_path):
     path = tmp_path / "clip.mp4"
     _write(path, os.urandom(BIG))
     src = _one(str(tmp_path))
-    with local_copy(src) as got:
-        assert got == str(path)
+    with SourceCache(str(tmp_path / "cache")).open(src) as got:
+        assert (got.path, got.bytes_read) == (str(path), 0)
     _write(path, os.urandom(BIG))  # same size, new content
     os.utime(path, ns=(0, 10**9))  # and a modification time that is certainly new
     with pytest.raises(SourceError, match="clip.mp4: changed since it was listed"):
-        with local_copy(src):
-            pass
+        content_id(src)
     path.unlink()
     with pytest.raises(SourceError, match="clip.mp4: no such file"):
-        with local_copy(src):
+        with SourceCache(str(tmp_path / "cache")).open(src):
             pass
 
 
