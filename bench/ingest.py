@@ -174,45 +174,57 @@ def looped(base: Path, minutes: int, out: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller archive, 20 min instead of 60 min")
+    p.add_argument("--only", choices=("throughput", "s3", "memory"), default=None, help="run one section")
     args = p.parse_args()
+    run = {"throughput", "s3", "memory"} if args.only is None else {args.only}
     clips, clip_seconds, long_minutes = (2, 300, 20) if args.quick else (4, 600, 60)
 
     with tempfile.TemporaryDirectory(prefix="framekv-bench-ingest-") as tmp:
         work = Path(tmp)
-        archive = work / "archive"
-        archive.mkdir()
-        for i in range(clips):  # distinct content (a copy would be indexed once)
-            make_video(archive / f"clip{i}.mp4", seconds=clip_seconds, fps=10 + i, size=(96, 128), gop=20)
+        if "throughput" in run:
+            throughput(work, clips, clip_seconds)
+        if "s3" in run:
+            print("== S3 source reads per video (moto S3 behind a counting proxy)")
+            s3_reads(work)
+        if "memory" in run:
+            memory(work, long_minutes)
+        print(f"command: python -m bench.ingest{' --quick' if args.quick else ''}"
+              f"{' --only ' + args.only if args.only else ''}")
 
-        print(f"== throughput: {clips} clips x {clip_seconds} s, 1 fps, window {INDEX_CFG.window}, "
-              f"{os.cpu_count()} CPUs")
-        encode, size = encode_floor()
-        decode = decode_floor(archive, size)
-        floor = min(encode, decode)
-        print(f"  encode alone (WindowEncoder, 1 thread, no Ray):    {encode:8.1f} frames/s")
-        print(f"  decode alone (decode_frames, 1 process, no Ray):   {decode:8.1f} frames/s")
-        rates = {}
-        for actors in (1, 2):
-            overall, rates[actors], frames = pipeline_rate(archive, actors, work)
-            print(f"  pipeline, {actors} encode actor(s): {overall:8.1f} frames/s overall, {rates[actors]:8.1f} "
-                  f"after the first window ({frames} frames; {rates[actors] / floor:.2f}x the slower stage alone)")
-        print(f"  2 actors / 1 actor (after the first window): {rates[2] / rates[1]:.2f}x")
 
-        print("== S3 source reads per video (moto S3 behind a counting proxy)")
-        s3_reads(work)
+def throughput(work: Path, clips: int, clip_seconds: int) -> None:
+    archive = work / "archive"
+    archive.mkdir()
+    for i in range(clips):  # distinct content (a copy would be indexed once)
+        make_video(archive / f"clip{i}.mp4", seconds=clip_seconds, fps=10 + i, size=(96, 128), gop=20)
 
-        print(f"== memory: one video, 5 min vs {long_minutes} min (looped 60 s clip)")
-        base = make_video(work / "base.mp4", seconds=60, fps=10, size=(96, 128), gop=20)
-        peaks = {}
-        for minutes in (5, long_minutes):
-            video = looped(base, minutes, work / f"video_{minutes}min.mp4")
-            peaks[minutes], seconds = peak_rss(video, work)
-            print(f"  {minutes:3d} min: peak RSS of the process tree {peaks[minutes] / 2**20:8.0f} MiB "
-                  f"({seconds:.0f} s)")
-        ratio = peaks[long_minutes] / peaks[5]
-        verdict = "ok" if ratio <= 1.5 else "FAIL: grows with length"
-        print(f"  {long_minutes} min / 5 min peak: {ratio:.2f}x (target <= 1.5x): {verdict}")
-        print(f"command: python -m bench.ingest{' --quick' if args.quick else ''}")
+    print(f"== throughput: {clips} clips x {clip_seconds} s, 1 fps, window {INDEX_CFG.window}, "
+          f"{os.cpu_count()} CPUs")
+    encode, size = encode_floor()
+    decode = decode_floor(archive, size)
+    floor = min(encode, decode)
+    print(f"  encode alone (WindowEncoder, 1 thread, no Ray):    {encode:8.1f} frames/s")
+    print(f"  decode alone (decode_frames, 1 process, no Ray):   {decode:8.1f} frames/s")
+    rates = {}
+    for actors in (1, 2):
+        overall, rates[actors], frames = pipeline_rate(archive, actors, work)
+        print(f"  pipeline, {actors} encode actor(s): {overall:8.1f} frames/s overall, {rates[actors]:8.1f} "
+              f"after the first window ({frames} frames; {rates[actors] / floor:.2f}x the slower stage alone)")
+    print(f"  2 actors / 1 actor (after the first window): {rates[2] / rates[1]:.2f}x")
+
+
+def memory(work: Path, long_minutes: int) -> None:
+    print(f"== memory: one video, 5 min vs {long_minutes} min (looped 60 s clip)")
+    base = make_video(work / "base.mp4", seconds=60, fps=10, size=(96, 128), gop=20)
+    peaks = {}
+    for minutes in (5, long_minutes):
+        video = looped(base, minutes, work / f"video_{minutes}min.mp4")
+        peaks[minutes], seconds = peak_rss(video, work)
+        print(f"  {minutes:3d} min: peak RSS of the process tree {peaks[minutes] / 2**20:8.0f} MiB "
+              f"({seconds:.0f} s)")
+    ratio = peaks[long_minutes] / peaks[5]
+    verdict = "ok" if ratio <= 1.5 else "FAIL: grows with length"
+    print(f"  {long_minutes} min / 5 min peak: {ratio:.2f}x (target <= 1.5x): {verdict}")
 
 
 if __name__ == "__main__":

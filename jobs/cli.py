@@ -17,6 +17,7 @@ scheduler can alert on a bad night:
     3  more than --max-failed videos failed (each is in the report, with its class)
     4  --prune refused (the source listed nothing or could not be fully read, or more
        than --max-prune of the index would go); nothing was deleted
+    5  another ingest run holds the index's lease; nothing was done
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_PRUNE_REFUSED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED, EXIT_PRUNE_REFUSED, EXIT_LEASE_HELD = 0, 1, 2, 3, 4, 5
 
 
 def _share(text: str) -> float:
@@ -95,6 +96,8 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="refuse a prune removing more than this share of the index's videos (default 0.1)")
     p.add_argument("--dry-run", action="store_true", help="print what a run would add, re-index and remove")
     p.add_argument("--json", action="store_true", help="print the run report as JSON")
+    p.add_argument("--lease-ttl", type=_positive_float, default=120.0,
+                   help="seconds before a crashed run's hold on the index expires (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -109,17 +112,22 @@ def ingest_config(args: argparse.Namespace):
                         address=args.address, num_cpus=args.num_cpus, encode_actors=args.encode_actors,
                         encode_cpus=args.encode_cpus, glob=args.glob, endpoint_url=args.endpoint_url,
                         retry_failed=args.retry_failed, max_attempts=args.max_attempts, prune=args.prune,
-                        max_prune=args.max_prune, dry_run=args.dry_run, progress=not args.no_progress)
+                        max_prune=args.max_prune, dry_run=args.dry_run, lease_ttl=args.lease_ttl,
+                        progress=not args.no_progress)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import PruneRefused, ingest
+    from pipeline.lease import LeaseHeld
 
     try:
         report = ingest(ingest_config(args))
     except PruneRefused as e:
         print(f"framekv ingest: prune refused: {e}; nothing was done", file=sys.stderr)
         return EXIT_PRUNE_REFUSED
+    except LeaseHeld as e:
+        print(f"framekv ingest: {e}", file=sys.stderr)
+        return EXIT_LEASE_HELD
     if args.json:
         print(report.to_json())
     elif report.dry_run:

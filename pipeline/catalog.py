@@ -823,8 +823,11 @@ class Catalog:
                 )
 
     # ---- runs and status ---------------------------------------------------------------
-    def start_run(self, source: str, model_fp: str) -> str:
-        run_id = uuid.uuid4().hex
+    def start_run(self, source: str, model_fp: str, run_id: str | None = None) -> str:
+        """Record a run as `running`; `run_id` is the lease's when the run holds one."""
+        run_id = run_id or uuid.uuid4().hex
+        if not run_id.isalnum():
+            raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
         self._runs.add(pa.Table.from_pylist(
             [{"run_id": run_id, "source": _display(source), "model_fp": model_fp, "started_at": _now(),
               "finished_at": None, "status": "running", "counts": "{}"}],
@@ -868,3 +871,125 @@ class Catalog:
         return [{**r, "counts": json.loads(r["counts"] or "{}"), "started_at": r["started_at"].isoformat(),
                  "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None}
                 for r in rows[:last]]
+
+    # ---- erasure (pipeline/erase.py) ---------------------------------------------------
+    def videos_where(self, where: str) -> list[VideoRow]:
+        """Video rows (every model) matching a SQL filter on `videos`; the caller checks
+        the filter (pipeline/erase.py `check_video_filter`)."""
+        return [_video(r) for r in self._rows(self.videos, where).to_pylist()]
+
+    def model_fps(self, video_ids: Sequence[str]) -> set[str]:
+        """Every model fingerprint objects of these videos may be under: those of their
+        rows and of every run (a run writes objects before their rows)."""
+        fps = {r["model_fp"] for r in self._rows(self._runs, None, ["model_fp"]).to_pylist()}
+        ids = list(dict.fromkeys(video_ids))
+        for i in range(0, len(ids), ID_BATCH):
+            where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
+            for table in (self.videos, self.windows):
+                fps |= {r["model_fp"] for r in self._rows(table, where, ["model_fp"]).to_pylist()}
+        valid = set()
+        for fp in fps:
+            try:
+                valid.add(check_hex_id(fp, "model_fp"))
+            except ValueError:  # an erasure's run row has no model
+                pass
+        return valid
+
+    def hide_videos(self, video_ids: Sequence[str], reason: str) -> None:
+        """Mark every model's rows of these videos failed (permanent), so no question or
+        ingest reads them as ready while they are being erased."""
+        ids = list(dict.fromkeys(video_ids))
+        for i in range(0, len(ids), ID_BATCH):
+            where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
+            if self.videos.count_rows(where):
+                self.videos.update(where=where, values={"status": "failed", "error": _display(reason),
+                                                        "error_class": "permanent"})
+                self._committed(self.videos)
+
+    def erase_rows(self, video_ids: Sequence[str]) -> dict[str, int]:
+        """Delete every row of these videos: windows, frames and sources rows first,
+        `videos` rows last (until then an interrupted erase is found again by id or uri).
+        Returns the rows deleted per table. Old versions keep them: `purge_deleted`."""
+        ids = list(dict.fromkeys(video_ids))
+        counts = {"windows": 0, "frames": 0, "sources": 0, "videos": 0}
+        for i in range(0, len(ids), ID_BATCH):
+            where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
+            for table in (self.windows, self.frames, self.sources, self.videos):
+                if table is not None and table.count_rows(where):  # no empty commit naming the ids
+                    counts[table.name] += table.delete(where).num_deleted_rows
+                    self._committed(table)
+        for key in [k for k in self._recorded if k[0] in set(ids)]:
+            self._recorded.pop(key)
+        return counts
+
+    def update_run(self, run_id: str, status: str | None = None, counts: dict | None = None,
+                   source: str | None = None) -> None:
+        """Change a run row in place (finished_at kept): an erasure's progress, or a run
+        report scrubbed of an erased video."""
+        if not isinstance(run_id, str) or not run_id.isalnum():
+            raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
+        values = {k: v for k, v in (("status", status), ("source", _display(source)),
+                                    ("counts", None if counts is None else json.dumps(counts, sort_keys=True)))
+                  if v is not None}
+        if values:
+            self._runs.update(where=f"run_id = '{run_id}'", values=values)
+            self._committed(self._runs)
+
+    def _tables(self) -> list:
+        return [t for t in (self.videos, self.windows, self.frames, self.sources, self._runs, self.meta)
+                if t is not None]
+
+    def purge_deleted(self, store: ObjectStore) -> dict[str, int]:
+        """Make deleted rows unreachable from the current version (an erasure), so that
+        `cleanup_versions` can delete every file that holds them.
+
+        A delete only writes a deletion file: the rows stay in the fragment's data file,
+        and compaction rewrites a fragment only above 10% deleted rows. So every fragment
+        with a deletion file (listed from `_deletions/` in Lance's table layout) is
+        rewritten: one update moves its live rows to a new fragment and the old fragment
+        leaves the version. Indexes still hold the keys of deleted rows: scalar indexes
+        are rebuilt, the vector index dropped and rebuilt by `optimize`. Last a delete of
+        nothing is committed: the latest version is never cleaned up, and its manifest
+        and transaction file keep its operation's filter (an erase's names the ids).
+        Costs a rewrite of those fragments' live rows and of every index. One writer
+        only. Returns the fragments rewritten per table."""
+        from lancedb.index import BTree
+
+        rewritten = {}
+        for table in self._tables():
+            keys = store.list(f"catalog/{table.name}.lance/_deletions/")
+            fragments = sorted({int(k.rsplit("/", 1)[-1].split("-", 1)[0]) for k in keys})
+            rewritten[table.name] = 0
+            for fragment in fragments:
+                where = f"_rowaddr >= {fragment << 32} AND _rowaddr < {(fragment + 1) << 32}"
+                if table.count_rows(where):
+                    column = table.schema.names[0]
+                    table.update(where=where, values_sql={column: f"`{column}`"})
+                    rewritten[table.name] += 1
+            for ix in table.list_indices():
+                if tuple(ix.columns) == ("vector",):
+                    table.drop_index(ix.name)
+                elif ix.index_type == "BTree":
+                    table.create_index(ix.columns[0], config=BTree(), replace=True)
+                else:
+                    raise CatalogError(f"table {table.name}: index {ix.name} ({ix.index_type}) cannot be "
+                                       "rebuilt here, so deleted rows would stay in it")
+            table.delete("false")
+            self._committed(table)
+        self.optimize()  # the vector index again, once `frames` is large enough for one
+        return rewritten
+
+    def cleanup_versions(self, older_than: timedelta) -> dict[str, int]:
+        """Compact every table and delete its versions older than `older_than` (0: every
+        version but the latest) with the files only they use, leftovers of failed writes
+        included (Lance keeps those 7 days otherwise). Readers of older snapshots fail
+        afterwards: never while another process writes or reads the index for longer
+        than `older_than`. Returns the versions left per table."""
+        import warnings
+
+        with warnings.catch_warnings():  # LanceDB warns of exactly the above at 0
+            warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
+            for table in self._tables():
+                table.optimize(cleanup_older_than=older_than, delete_unverified=True)
+        self._commits, self._touched = 0, set()
+        return {table.name: len(table.list_versions()) for table in self._tables()}

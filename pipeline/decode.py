@@ -380,24 +380,37 @@ def _packets_from(container, stream, keyframe: int, path: str):
 
     Demuxers seek by their own index (MP4's is in decode time), so the seek may land
     on an earlier keyframe: packets before ours are skipped. If it lands after ours,
-    the stream is read again from its start.
+    the stream is read again from its start; a demuxer that refuses the seek (FLV
+    refuses any seek to a negative pts) is read from the start of a fresh open.
     """
     for seek_to in (keyframe, stream.start_time or 0):
-        container.seek(seek_to, stream=stream, backward=True, any_frame=False)
-        started = False
-        for packet in container.demux(stream):
-            if packet.pts is None or packet.size == 0:
-                continue
-            if not started:
-                if packet.is_keyframe and packet.pts > keyframe:
-                    break  # overshot
-                if not (packet.is_keyframe and packet.pts == keyframe):
-                    continue
-                started = True
-            yield packet
-        if started:
+        try:
+            container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            continue
+        found = yield from _from_keyframe(container.demux(stream), keyframe)
+        if found:
+            return
+    with av.open(path, metadata_errors="ignore") as fresh:
+        if (yield from _from_keyframe(fresh.demux(video_stream(fresh, path)), keyframe)):
             return
     raise CorruptVideo(path, f"keyframe at pts {keyframe} not found in the stream")
+
+
+def _from_keyframe(packets, keyframe: int):
+    """Yield `packets` from the keyframe with pts `keyframe` on; returns whether it was met."""
+    started = False
+    for packet in packets:
+        if packet.pts is None or packet.size == 0:
+            continue
+        if not started:
+            if packet.is_keyframe and packet.pts > keyframe:
+                break  # overshot
+            if not (packet.is_keyframe and packet.pts == keyframe):
+                continue
+            started = True
+        yield packet
+    return started
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ What the driver does, in order:
   prune    (--prune) remove indexed videos whose content is gone from the source, unless
            the source listed nothing, a listed file could not be read, or more than
            `max_prune` of the index's videos would go: then it is refused, nothing deleted.
+  lease    one run per index at a time (pipeline/lease.py): a second run is refused
+           (LeaseHeld); a crashed run's lease expires and the next run takes over.
   report   counts, failures with their class, durations and bytes (pipeline/report.py),
            kept in the catalog and written to `runs/<run_id>.json` in the index.
 A killed run is resumed by running again: windows already in the catalog are planned out.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -36,6 +39,7 @@ import ray
 from model.config import IndexConfig
 from pipeline.catalog import Catalog, VideoRow
 from pipeline.cluster import check_shared_paths
+from pipeline.lease import Lease, default_owner
 from pipeline.report import RunReport
 from pipeline.retry import PERMANENT, RetryPolicy
 from pipeline.sources import MANIFEST_SUFFIXES, SourceVideo, list_sources, local_path
@@ -72,6 +76,7 @@ class IngestConfig:
     prune: bool = False  # remove indexed videos whose content is gone from the source folder/prefix
     max_prune: float = 0.1  # refuse a prune that would remove more than this share of the index's videos
     dry_run: bool = False  # say what a run would add, re-index and remove; change nothing
+    lease_ttl: float = 120.0  # seconds a crashed run's lease keeps the index before the next run takes over
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -100,13 +105,17 @@ def ingest(cfg: IngestConfig) -> RunReport:
         raise PruneRefused(f"{cfg.source}: lists no videos; refusing to prune the whole index "
                            "(an unmounted share or a wrong prefix?)")
     own_ray = _connect_ray(cfg) if cfg.address else False  # a local Ray starts only if there is work
-    selection = None
+    selection, lease = None, None
     try:
         if ray.is_initialized():  # joined here or by the caller: local paths must be shared by its nodes
             check_shared_paths(cfg.source, cfg.index, videos=sources)
         model_fp, image_size = _model_identity(cfg)
-        catalog = Catalog(cfg.index, endpoint_url=cfg.endpoint_url)
         store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
+        if not cfg.dry_run:  # one run per index: before the catalog is opened (opening may migrate it)
+            lease = Lease(store, default_owner(), uuid.uuid4().hex, ttl=cfg.lease_ttl)
+            lease.acquire()
+            lease.keep_alive()
+        catalog = Catalog(cfg.index, endpoint_url=cfg.endpoint_url)
         report = RunReport(run_id="dry-run", source=cfg.source, index=cfg.index, model_fp=model_fp,
                            dry_run=cfg.dry_run, listed=len(sources))
         selection = _select(cfg, sources, catalog, model_fp, report)
@@ -114,13 +123,15 @@ def ingest(cfg: IngestConfig) -> RunReport:
             report.would = _dry_run(selection, catalog, sources, prune_prefix)
             report.status, report.seconds = "done", time.time() - started
             return report
-        report.run_id = catalog.start_run(cfg.source, model_fp)
+        report.run_id = catalog.start_run(cfg.source, model_fp, run_id=lease.run_id)
         try:
             if selection.todo:
                 report.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
                 own_ray = _connect_ray(cfg) or own_ray
-                _run_pipeline(cfg, selection, catalog, model_fp, image_size, report, {s.uri for s in sources})
+                _run_pipeline(cfg, selection, catalog, model_fp, image_size, report, {s.uri for s in sources},
+                              lease.ensure_held)
             if prune_prefix is not None:
+                lease.ensure_held()
                 _prune(cfg, catalog, store, sources, selection, report, prune_prefix)
             report.status = "done"
         except BaseException:
@@ -128,11 +139,14 @@ def ingest(cfg: IngestConfig) -> RunReport:
             raise
         finally:
             report.seconds = time.time() - started
-            catalog.finish_run(report.run_id, asdict(report), status=report.status)
+            if lease.lost is None:  # a run that lost its lease writes nothing more to the catalog
+                catalog.finish_run(report.run_id, asdict(report), status=report.status)
             store.put(f"runs/{report.run_id}.json", report.to_json().encode())
     finally:
+        if lease is not None:
+            lease.release()
         if selection is not None and ray.is_initialized() and any(t.src.is_s3 for t in selection.todo):
-            clear_source_caches()  # node-local copies of S3 sources, also those of killed workers
+            clear_source_caches(report.run_id)  # node-local copies of S3 sources, also those of killed workers
         if own_ray:
             ray.shutdown()
     return report
@@ -221,12 +235,12 @@ def _prune(cfg: IngestConfig, catalog: Catalog, store, sources: list[SourceVideo
 
 
 def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, model_fp: str,
-                  image_size: tuple[int, int], report: RunReport, listed: set[str]) -> None:
+                  image_size: tuple[int, int], report: RunReport, listed: set[str], check) -> None:
     registry = Registry.remote({t.video_id: t.src.uri for t in selection.todo if t.video_id},
                                selection.indexed, selection.skip)
-    writer = CatalogWriter(catalog, model_fp, report, selection.todo, listed)
+    writer = CatalogWriter(catalog, model_fp, report, selection.todo, listed, check=check)
     pipeline_start = time.time()
-    for row in _dataset(cfg, selection.todo, model_fp, image_size, registry).iter_rows():
+    for row in _dataset(cfg, selection.todo, model_fp, image_size, registry, report.run_id).iter_rows():
         if not report.startup_seconds and row["kind"] == "window":
             report.startup_seconds = time.time() - pipeline_start
         writer.take(row)
@@ -277,14 +291,15 @@ def _encode_resources(cfg: IngestConfig) -> tuple[int, dict]:
     return (cfg.encode_actors or 1), {"num_cpus": cfg.encode_cpus}
 
 
-def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tuple[int, int], registry):
+def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tuple[int, int], registry,
+             run_id: str):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.execution_options.preserve_order = False
     items = [{**StageRow(uri=t.src.uri, size=t.src.size, etag=t.src.etag, video_id=t.video_id).as_row(),
               "done": np.asarray(t.done, dtype=np.int64)} for t in todo]
     actors, resources = _encode_resources(cfg)
-    common = {"endpoint_url": cfg.endpoint_url, "retry": cfg.retry}
+    common = {"endpoint_url": cfg.endpoint_url, "retry": cfg.retry, "run_id": run_id}
     return (
         ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
         .flat_map(plan_video, fn_kwargs={"cfg": cfg.index_cfg, "registry": registry, **common}, num_cpus=0.25)
@@ -296,5 +311,6 @@ def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tup
                                                          "threads": max(1, round(resources["num_cpus"]))},
                      batch_size=cfg.encode_batch, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(size=actors), **resources)
-        .map(write_window, fn_kwargs={"index": cfg.index, "model_fp": model_fp, **common}, num_cpus=0.25)
+        .map(write_window, fn_kwargs={"index": cfg.index, "model_fp": model_fp, "endpoint_url": cfg.endpoint_url,
+                                      "retry": cfg.retry}, num_cpus=0.25)
     )

@@ -3,7 +3,9 @@
 The video is cut into `n = round(duration * fps)` equal intervals (at most
 `max_frames`), so a capped long video is still covered end to end rather than
 truncated. `middle` takes the centre of each interval, as VideoChat-Flash samples;
-`uniform` takes each interval's start. Times are seconds from the stream start.
+`uniform` takes each interval's start. Times are seconds from the stream start. With
+the probe at hand, a sample that would show the same frame as the one before it is
+dropped, so a plan never holds more samples than the video has frames.
 """
 
 from __future__ import annotations
@@ -35,7 +37,21 @@ def sample_times(info_or_duration: VideoInfo | float, cfg: SamplingConfig = Samp
         count = min(count, cfg.max_frames)
     step = duration / count
     offset = 0.5 if cfg.strategy == "middle" else 0.0
-    return (np.arange(count, dtype=np.float64) + offset) * step
+    times = (np.arange(count, dtype=np.float64) + offset) * step
+    if isinstance(info_or_duration, VideoInfo) and len(info_or_duration.frame_times):
+        times = _one_per_frame(times, info_or_duration.frame_times)
+    return times
+
+
+def _one_per_frame(times: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
+    """Drop samples that would show the same frame as the sample before them (a sample
+    shows the last frame at or before it): a stream whose clock jumps by days, or runs
+    on a wrong timescale, has a long duration but few frames, and must not plan hours of
+    copies of one picture. Sampling at or below the frame rate drops nothing."""
+    shown = np.maximum(np.searchsorted(frame_times, times + 1e-9, side="right") - 1, 0)
+    keep = np.ones(len(times), dtype=bool)
+    keep[1:] = shown[1:] != shown[:-1]
+    return times[keep]
 
 
 def plan_windows(times: np.ndarray, window: int) -> list[WindowPlan]:

@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,11 +367,17 @@ class SourceCache:
     locks die with their process, so the leftovers of a killed worker are removed too.
     """
 
-    def __init__(self, root: str | None = None, max_bytes: int | None = None):
-        self.root = Path(root or os.environ.get("FRAMEKV_SOURCE_CACHE")
-                         or os.path.join(tempfile.gettempdir(), "framekv-sources"))
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = None):
+        self.root = Path(root or cache_base())
         self.max_bytes = max_bytes if max_bytes is not None else int(
             os.environ.get("FRAMEKV_SOURCE_CACHE_BYTES", 32 << 30))
+
+    @classmethod
+    def of_run(cls, run_id: str) -> "SourceCache":
+        """The copies of one run: another run's end-of-run clear never removes them."""
+        if not run_id.isalnum():
+            raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
+        return cls(cache_base() / run_id)
 
     def _entry(self, src: SourceVideo) -> Path:
         name = hashlib.sha256(f"{src.uri}\0{src.etag}".encode("utf-8", "surrogateescape")).hexdigest()[:40]
@@ -472,4 +479,24 @@ class SourceCache:
         returns the bytes freed."""
         if not self.root.is_dir():
             return 0
-        return sum(self._remove_if_unused(entry) for _, entry in self._entries())
+        freed = sum(self._remove_if_unused(entry) for _, entry in self._entries())
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # only if empty
+        return freed
+
+
+def cache_base() -> Path:
+    """Where a node keeps source copies: $FRAMEKV_SOURCE_CACHE or the temp dir."""
+    return Path(os.environ.get("FRAMEKV_SOURCE_CACHE") or os.path.join(tempfile.gettempdir(), "framekv-sources"))
+
+
+def clear_run_copies(run_id: str, stale_seconds: float = 3600.0) -> int:
+    """This node's copies of run `run_id`, and those of runs killed before they could clear
+    theirs (untouched for `stale_seconds`); returns the bytes freed."""
+    freed = SourceCache.of_run(run_id).clear()
+    base, cutoff = cache_base(), time.time() - stale_seconds
+    for folder in base.iterdir() if base.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            if folder.is_dir() and max([p.stat().st_mtime for p in folder.iterdir()] or [0.0]) < cutoff:
+                freed += SourceCache(folder).clear()
+    return freed

@@ -34,7 +34,7 @@ from pipeline.errors import VideoError
 from pipeline.probe import VideoInfo, probe
 from pipeline.retry import PERMANENT, RetryPolicy, error_class, retrying
 from pipeline.sampling import WindowPlan, plan_windows, sample_times
-from pipeline.sources import SourceCache, SourceError, SourceVideo, sha256_file
+from pipeline.sources import SourceCache, SourceError, SourceVideo, clear_run_copies, sha256_file
 from pipeline.store import StoreError, open_store, window_key
 
 VIDEO, WINDOW = "video", "window"  # row kinds
@@ -79,7 +79,6 @@ class StageRow:
         return SourceVideo(uri=self.uri, size=int(self.size), etag=self.etag)
 
 
-
 def failure(row: dict, err: BaseException, where: str = "") -> dict:
     """`row` carrying `err` as its error, naming the source (not a temp copy) and the class;
     a ValueError is a bad file too (e.g. no usable duration to sample)."""
@@ -116,18 +115,24 @@ class Registry:
         return Decision(WORK)
 
 
-_cache = SourceCache()
+_caches: dict[str, SourceCache] = {}  # run id -> this process's handle on the node's copies
+
+
+def _cache(run_id: str) -> SourceCache:
+    if run_id not in _caches:
+        _caches[run_id] = SourceCache.of_run(run_id)
+    return _caches[run_id]
 
 
 def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None, retry: RetryPolicy,
-               registry) -> list[dict]:
+               registry, run_id: str) -> list[dict]:
     """Identify (if needed), probe and plan one video: a `video` row, then a row per window
     not in `item["done"]` (written by a killed run)."""
     row = StageRow.of(item)
     done = set(np.asarray(item["done"]).tolist())
 
     def identify_and_probe() -> VideoInfo | None:
-        with _cache.open(row.source, endpoint_url) as copy:
+        with _cache(run_id).open(row.source, endpoint_url) as copy:
             row.bytes_read += copy.bytes_read
             if not row.video_id:
                 row.video_id = copy.sha256 or sha256_file(copy.path)
@@ -161,7 +166,7 @@ def _window_row(video: StageRow, plan: WindowPlan, window: int, info: VideoInfo)
 
 
 def decode_window(row: dict, size: tuple[int, int], seek_mode: str, threads: int, endpoint_url: str | None,
-                  retry: RetryPolicy) -> dict:
+                  retry: RetryPolicy, run_id: str) -> dict:
     """Decode a window's frames at the model's size (plus thumbnails for the catalog)."""
     frame_times = np.asarray(row.pop("frame_times"), dtype=np.float64)
     row.update(frames=np.zeros((0, size[0], size[1], 3), dtype=np.uint8), thumbnails=[],
@@ -172,7 +177,7 @@ def decode_window(row: dict, size: tuple[int, int], seek_mode: str, threads: int
     info = VideoInfo(**json.loads(r.info), frame_times=frame_times)
 
     def decode():
-        with _cache.open(r.source, endpoint_url) as copy:
+        with _cache(run_id).open(r.source, endpoint_url) as copy:
             row["bytes_read"] += copy.bytes_read
             return decode_frames(copy.path, np.asarray(r.times), size=tuple(size), seek_mode=seek_mode,
                                  info=info, threads=threads)
@@ -260,12 +265,13 @@ def write_window(row: dict, index: str, model_fp: str, endpoint_url: str | None,
     return row
 
 
-def clear_source_caches() -> int:
-    """Remove the node-local source copies on every alive node (the end of a run; also
-    what a killed worker left); returns the bytes freed."""
+def clear_source_caches(run_id: str) -> int:
+    """Remove the run's node-local source copies on every alive node (the end of a run;
+    also what its killed workers, or killed runs, left); returns the bytes freed."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    clear = ray.remote(num_cpus=0)(lambda: SourceCache().clear())
+    clear = ray.remote(num_cpus=0)(clear_run_copies)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-    refs = [clear.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+    refs = [clear.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(run_id)
+            for n in nodes]
     return sum(ray.get(refs, timeout=120))

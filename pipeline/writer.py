@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -51,8 +52,10 @@ class CatalogWriter:
     """Consumes output rows (`take`), commits them in batches, finishes videos."""
 
     def __init__(self, catalog: Catalog, model_fp: str, report: RunReport, todo: list[Todo],
-                 listed: set[str], flush_every: int = FLUSH_EVERY, flush_seconds: float = FLUSH_SECONDS):
+                 listed: set[str], flush_every: int = FLUSH_EVERY, flush_seconds: float = FLUSH_SECONDS,
+                 check: Callable[[], None] = lambda: None):
         self.catalog, self.model_fp, self.report = catalog, model_fp, report
+        self.check = check  # raises when this run may not write any more (its lease was lost)
         self.listed = listed  # uris at the source: a ready video's row moves to a listed name when renamed
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.last_flush = time.monotonic()
@@ -67,6 +70,7 @@ class CatalogWriter:
             if state.todo.video_id:
                 rows.append(self._bind(state, state.todo.video_id))
             self.report.windows_resumed += len(state.written)
+        self.check()
         catalog.upsert_videos(rows)
 
     def _bind(self, state: _VideoState, video_id: str) -> VideoRow:
@@ -139,6 +143,7 @@ class CatalogWriter:
     def flush(self) -> None:
         """Commit what is due: video rows and identities first (windows need their video's
         row), then the pending windows."""
+        self.check()
         self.last_flush = time.monotonic()
         if self.videos_due:
             self.catalog.upsert_videos(list(self.videos_due.values()))
@@ -174,6 +179,7 @@ class CatalogWriter:
                 self._finish(uri)
 
     def _finish(self, uri: str) -> None:
+        self.check()
         state = self.videos.pop(uri)
         if state.row is not None and state.row.video_id in self.videos_due:
             self.flush()  # its row (and what else is due) before it is marked

@@ -28,6 +28,7 @@ from model.kvcache import reader_from_bytes, sha256_hex
 from pipeline.catalog import Catalog
 from pipeline.decode import decode_frames
 from pipeline.ingest import IngestConfig, ingest
+from pipeline.lease import LeaseHeld
 from pipeline.probe import probe
 from pipeline.store import open_store
 from tests.tolerance import assert_close_scaled
@@ -222,7 +223,7 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, local_ray):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.ingest", str(src), "--index", str(killed), "--window", "2",
-         "--num-cpus", "2", "--no-progress"],
+         "--num-cpus", "2", "--no-progress", "--lease-ttl", "3"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -244,6 +245,9 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, local_ray):
     assert 4 <= written < total_windows
     finished = [v for v in Catalog(str(killed)).list_videos() if v.status == "ready"]  # skipped whole
 
+    with pytest.raises(LeaseHeld, match="being ingested by"):  # the killed run's lease has not expired yet
+        ingest(IngestConfig(source=str(src), index=str(killed), index_cfg=cfg_small, progress=False))
+    time.sleep(4)  # --lease-ttl 3: the next run takes over
     resumed = ingest(IngestConfig(source=str(src), index=str(killed), index_cfg=cfg_small, progress=False))
     assert resumed.windows_encoded == total_windows - written  # nothing written before is encoded again
     assert resumed.windows_resumed == written - sum(v.windows for v in finished)

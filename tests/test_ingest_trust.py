@@ -212,3 +212,56 @@ def test_a_non_utf8_file_name_is_indexed_losslessly(tmp_path, local_ray):
     uris = {os.fsencode(r.uri) for r in Catalog(str(index)).list_videos()}
     assert os.fsencode(src) + b"/" + raw_name in uris
     assert ingest(cfg(src, index)).skipped == 2  # and it is recognised again, not re-read
+
+
+def test_damaged_h264_is_ready_with_its_lost_frames_listed(tmp_path, local_ray, capsys):
+    """A file cut mid-stream and one with corrupt packets mid-stream: `ready`, and the
+    sampled frames that could not be decoded are counted and listed by `status --json`
+    (the times are the decoder's own verdict: pipeline/decode.py, tests/test_decode.py)."""
+    from pipeline.decode import decode_frames
+    from pipeline.probe import probe
+    from pipeline.sampling import sample_times
+    from tests.videos import make_corrupt_packets, make_truncated_stream
+
+    src, index = tmp_path / "src", tmp_path / "idx"
+    src.mkdir()
+    make_truncated_stream(src / "cut.mp4", keep=0.6)
+    make_corrupt_packets(src / "corrupt.mp4", corrupt=range(40, 44))
+    flags = ["--fps", "10", "--window", "8", "--no-progress"]  # every frame of the 30 fps clips' samples
+    assert cli(["ingest", str(src), "--index", str(index), *flags]) == EXIT_OK
+    capsys.readouterr()
+    assert cli(["status", str(index), "--json"]) == EXIT_OK
+    status = json.loads(capsys.readouterr().out)
+    assert status["videos"]["ready"] == 2
+    lost = {os.path.basename(v["uri"]): v for v in status["lost_frames"]}
+    times = sample_times(probe(str(src / "corrupt.mp4")), SamplingConfig(fps=10.0))
+    want = decode_frames(str(src / "corrupt.mp4"), times).lost_times  # the same frames, decoded in one go
+    assert len(want) > 0 and lost["corrupt.mp4"]["frames_lost"] == len(want)
+    assert lost["corrupt.mp4"]["lost_times"] == pytest.approx(sorted(want.tolist()))
+    cut = Catalog(str(index)).list_videos(status="ready")
+    assert {os.path.basename(r.uri): r.frames for r in cut}["cut.mp4"] < 30  # planned on what the file holds
+
+
+def test_a_second_run_on_a_held_index_is_refused(tmp_path, local_ray, capsys):
+    """While a run holds the index's lease another is refused (exit 5, nothing written);
+    a dry run still answers; once the holder releases, the next run proceeds."""
+    from pipeline.lease import Lease
+
+    src, index = tmp_path / "src", tmp_path / "idx"
+    src.mkdir()
+    make_raw(src / "a.avi", seconds=1.0)
+    assert cli(["ingest", str(src), "--index", str(index), *FLAGS]) == EXIT_OK
+    make_raw(src / "b.avi", seconds=1.0, rate=6)
+    before = versions(str(index))
+    other = Lease(open_store(str(index)), "other-host:1", "otherrun")
+    other.acquire()
+    try:
+        assert cli(["ingest", str(src), "--index", str(index), *FLAGS]) == 5
+        assert "being ingested by other-host:1" in capsys.readouterr().err
+        assert versions(str(index))["tables"] == before["tables"]
+        assert cli(["ingest", str(src), "--index", str(index), "--dry-run", *FLAGS]) == EXIT_OK
+        assert "would add 1 videos" in capsys.readouterr().out
+    finally:
+        other.release()
+    assert cli(["ingest", str(src), "--index", str(index), "--json", *FLAGS]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["ready"] == 1

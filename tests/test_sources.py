@@ -4,6 +4,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import time
 
 import av
 import boto3
@@ -121,7 +122,7 @@ def test_source_cache_downloads_once_and_hashes_on_the_way(s3_bucket, tmp_path):
     with pytest.raises(SourceError, match="clip.mp4: changed since it was listed"):
         with cache.open(src):
             pass
-    assert os.listdir(tmp_path / "cache") == [] or all(p.endswith(".lock") for p in os.listdir(tmp_path / "cache"))
+    assert cache.clear() == 0 and not (tmp_path / "cache").exists()  # nothing left behind, not even the folder
 
 
 def test_source_cache_evicts_unused_copies_and_leftovers_of_killed_downloads(s3_bucket, tmp_path):
@@ -139,8 +140,21 @@ def test_source_cache_evicts_unused_copies_and_leftovers_of_killed_downloads(s3_
     kept = sorted(p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock"))
     assert len(kept) == 2  # the cap holds
     (tmp_path / "cache" / (kept[0] + ".part-12345")).write_bytes(b"half a download of a killed worker")
-    assert cache.clear() >= 2 * BIG
-    assert [p for p in os.listdir(tmp_path / "cache") if not p.endswith(".lock")] == []
+    assert cache.clear() >= 2 * BIG and not (tmp_path / "cache").exists()
+
+
+def test_a_run_clears_its_own_copies_and_those_of_killed_runs(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("FRAMEKV_SOURCE_CACHE", str(tmp_path / "base"))
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="v/a.mp4", Body=os.urandom(BIG))
+    src = _one(f"s3://{s3_bucket}/v/a.mp4")
+    for run in ("run1", "run2", "killed"):
+        with sources.SourceCache.of_run(run).open(src):
+            pass
+    old = time.time() - 7200
+    for p in (tmp_path / "base" / "killed").iterdir():
+        os.utime(p, (old, old))
+    assert sources.clear_run_copies("run1") == 2 * BIG  # its own, and the killed run's
+    assert sorted(os.listdir(tmp_path / "base")) == ["run2"]  # a live run's copies stay
 
 
 def test_local_source_rewritten_after_listing_is_refused(tmp_path):

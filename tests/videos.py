@@ -276,10 +276,10 @@ def tag_mp4(source: str | os.PathLike, path: str | os.PathLike, tag: str | bytes
 
 
 def make_declared_size(path: str | os.PathLike, width: int, height: int, codec: str = "rawvideo") -> Path:
-    """An MP4/MOV of a small real video whose track header and sample description say
-    `width` x `height` (up to 65535). codec "rawvideo" (in MOV: rgb24) has no other
-    record of its size, so a demuxer must believe the header; "h264" carries the true
-    size in its SPS too."""
+    """A small real video (5 frames of 64x48) in MP4/MOV whose track header and sample
+    description say `width` x `height` (up to 65535, the sample entry's 16 bits). codec
+    "rawvideo" (MOV, rgb24) has no other record of its size, so a demuxer must believe
+    the header; "h264" carries the true size in its SPS as well."""
     path = Path(path)
     source = ["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=5:duration=1"]
     if codec == "rawvideo":
@@ -325,17 +325,19 @@ def make_timescale(path: str | os.PathLike, timescale: int, **video) -> Path:
     mdhd = _video_box(data, "mdia/mdhd")
     field = mdhd + (28 if data[mdhd + 8] == 1 else 20)
     data[field : field + 4] = timescale.to_bytes(4, "big")
-    edts = [o for o in mp4_boxes(data).get("moov/trak/edts", []) if _video_trak(data)[0] < o < _video_trak(data)[1]]
-    for offset in edts:
-        data[offset + 4 : offset + 8] = b"free"
+    trak, end = _video_trak(data)
+    for offset in mp4_boxes(data).get("moov/trak/edts", []):
+        if trak < offset < end:
+            data[offset + 4 : offset + 8] = b"free"
     path.write_bytes(bytes(data))
     return path
 
 
 def make_flv_timestamps(path: str | os.PathLike, remap, **video) -> Path:
     """An FLV of a B-frame-free H.264 clip whose video tags carry the timestamps
-    `remap(frame_index, milliseconds) -> milliseconds` (signed 32-bit, FLV's own field):
-    jumps by days, going backwards, negative. FLV keeps each packet's time in plain bytes."""
+    `remap(frame_index, milliseconds) -> milliseconds`: jumps by days, going backwards,
+    negative. FLV keeps each packet's time in plain bytes (32 bits, stored modulo 2**32;
+    FFmpeg unwraps them as a 32-bit clock, so a stream that starts negative stays so)."""
     path = Path(path)
     clean = path.with_name(f"clean-{path.name}")
     make_video(clean, **{"seconds": 2.0, "size": (48, 64), **video, "bframes": 0})
@@ -420,6 +422,7 @@ def make_attached_video(path: str | os.PathLike, attachment: str | os.PathLike) 
 def make_cover_only(path: str | os.PathLike) -> Path:
     """Audio with a cover picture (an attached_pic video stream): no video to index."""
     path = Path(path)
-    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-f", "lavfi", "-i", "testsrc2=size=64x48:duration=1",
-           "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png", "-frames:v", "1", "-disposition:v", "attached_pic", path)
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-f", "lavfi", "-i",
+           "testsrc2=size=64x48:duration=1", "-map", "0", "-map", "1", "-c:a", "aac", "-c:v", "png",
+           "-frames:v", "1", "-disposition:v", "attached_pic", path)
     return path
