@@ -123,25 +123,32 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            tmp = self._temp_file(path, data)
             try:
-                os.fchmod(fd, 0o644)  # mkstemp makes 0600; objects are shared data, not secrets
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:  # make the rename itself durable
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._fsync_dir(path.parent)  # make the rename itself durable
         except OSError as e:
             raise StoreError(key, f"write failed: {e.strerror or e}") from e
+
+    @staticmethod
+    def _temp_file(path: Path, data: bytes) -> str:
+        """A temp file beside `path` holding `data`, flushed to disk: what a write renames
+        or links into place, so readers never see a partial object."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp makes 0600; objects are shared data, not secrets
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
 
     def get(self, key: str) -> bytes:
         try:
@@ -231,14 +238,8 @@ class LocalStore:
         filesystems and NFS have them)."""
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+            tmp = self._temp_file(path, data)
             try:
-                os.fchmod(fd, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.link(tmp, path)
             except FileExistsError:
                 return None
