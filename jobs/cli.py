@@ -5,6 +5,8 @@
                    [--dry-run] [--max-failed N] [--max-attempts 3] [--json]
     framekv status INDEX [--json]
     framekv verify INDEX [--repair] [--json] [--workers 16]
+    framekv delete INDEX [VIDEO ...] [--where SQL] [--keep-uris] [--dry-run] [--json]
+    framekv cleanup INDEX [--older-than 0s] [--json]
     framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
                 [--answer cached|reencode]
 
@@ -17,7 +19,7 @@ scheduler can alert on a bad night:
     3  more than --max-failed videos failed (each is in the report, with its class)
     4  --prune refused (the source listed nothing or could not be fully read, or more
        than --max-prune of the index would go); nothing was deleted
-    5  another ingest run holds the index's lease; nothing was done
+    5  another run holds the index's lease (ingest, delete, cleanup); nothing was done
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import os
 import sys
 
+from jobs.erase import add_cleanup_parser, add_delete_parser
 from jobs.verify import add_verify_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +76,8 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=64, help="frames per cached window (default 64)")
     p.add_argument("--max-frames", type=_positive_int, default=None, help="cap on sampled frames per video")
     p.add_argument("--quant", choices=("none", "int8"), default="none", help="store K/V as int8 (default none)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model checkpoint run Python code it ships (auto_map); only for code you have read")
     p.add_argument("--no-lpcomp", action="store_true",
                    help="keep every token of every layer (for a model trained without LP-Comp)")
     p.add_argument("--address", default=None,
@@ -113,6 +118,7 @@ def ingest_config(args: argparse.Namespace):
                         encode_cpus=args.encode_cpus, glob=args.glob, endpoint_url=args.endpoint_url,
                         retry_failed=args.retry_failed, max_attempts=args.max_attempts, prune=args.prune,
                         max_prune=args.max_prune, dry_run=args.dry_run, lease_ttl=args.lease_ttl,
+                        trust_remote_code=args.trust_remote_code,
                         progress=not args.no_progress)
 
 
@@ -198,7 +204,8 @@ def run_ask(args: argparse.Namespace) -> int:
     from jobs.query import ask_index
 
     result = ask_index(args.index, args.question, video=args.video, k=args.k, score=args.score,
-                       answer_mode=args.answer, model=args.model, endpoint_url=args.endpoint_url)
+                       answer_mode=args.answer, model=args.model, endpoint_url=args.endpoint_url,
+                       trust_remote_code=args.trust_remote_code)
     print(result.format())
     return 0
 
@@ -226,10 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=("fast", "exact"), default="fast")
     p.add_argument("--answer", choices=("cached", "reencode"), default="cached")
     p.add_argument("--model", default="tiny")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model checkpoint run Python code it ships (auto_map); only for code you have read")
     p.add_argument("--endpoint-url", default=None)
     p.set_defaults(run=run_ask)
 
     add_verify_parser(sub)
+    add_delete_parser(sub)
+    add_cleanup_parser(sub)
     return parser
 
 

@@ -60,17 +60,21 @@ def readers_for(catalog: Catalog, store: ObjectStore, video: VideoRow) -> list[W
 
 
 def find_video(catalog: Catalog, spec: str) -> VideoRow:
-    """A ready video by id, unique id prefix (>= 6 characters) or source URI/path."""
-    ready = catalog.list_videos(status="ready")
+    """A ready video by id, unique id prefix (>= 6 characters) or source URI/path; the
+    error says whether it is not in the index at all or there but not ready."""
+    videos = catalog.list_videos()
     path = os.path.abspath(spec) if "://" not in spec else spec
-    found = [v for v in ready if v.uri in (spec, path)]
+    found = [v for v in videos if v.uri in (spec, path)]
     if not found and len(spec) >= 6:
-        found = [v for v in ready if v.video_id.startswith(spec.lower())]
+        found = [v for v in videos if v.video_id.startswith(spec.lower())]
     if not found:
-        raise ValueError(f"video {spec!r}: no ready video with that id, id prefix or URI in this index")
+        raise ValueError(f"video {spec!r}: not in the index (no video with that id, id prefix or URI)")
     if len({v.video_id for v in found}) > 1:
         raise ValueError(f"video {spec!r} is ambiguous: {', '.join(sorted({v.video_id[:12] for v in found}))}")
-    return max(found, key=lambda v: v.updated_at)  # the newest model's cache of that video
+    ready = [v for v in found if v.status == "ready"]
+    if not ready:
+        raise ValueError(f"video {spec!r}: in the index but not ready ({found[0].status}: {found[0].error})")
+    return max(ready, key=lambda v: v.updated_at)  # the newest model's cache of that video
 
 
 def question_vector(backbone, ctx: QuestionContext, layer: int) -> np.ndarray:
@@ -95,20 +99,20 @@ def library_candidates(catalog: Catalog, store: ObjectStore, backbone, ctx: Ques
 
 
 @lru_cache(maxsize=2)
-def _backbone(model: str):
+def _backbone(model: str, trust_remote_code: bool = False):
     """Loaded once per process: a demo or a service asks many questions."""
-    return load_backbone(model)
+    return load_backbone(model, trust_remote_code=trust_remote_code)
 
 
 def ask_index(index: str, question: str, video: str | None = None, k: int = 16, score: str = "fast",
               answer_mode: str = "cached", model: str = "tiny", endpoint_url: str | None = None,
-              catalog: Catalog | None = None) -> AskResult:
+              catalog: Catalog | None = None, trust_remote_code: bool = False) -> AskResult:
     """Answer `question` about one video of `index`, or about its whole library."""
     from jobs.cli import open_index
 
     catalog = catalog or open_index(index, endpoint_url)
     store = open_store(index, endpoint_url=endpoint_url)
-    backbone = _backbone(model)
+    backbone = _backbone(model, trust_remote_code)
     if video is not None:
         row = find_video(catalog, video)
         return AskResult(row, ask(backbone, readers_for(catalog, store, row), question, k, score, answer_mode), 1)

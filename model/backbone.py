@@ -9,6 +9,12 @@
 Device and dtype are chosen at run time: CUDA + bf16 when available, else CPU fp32.
 Families: `tiny` (model/tiny.py) and `llava_onevision` (LlavaOnevisionForConditionalGeneration,
 Qwen2 text decoder; frame patch features are average-pooled to n0 tokens).
+
+A checkpoint's own Python code (`auto_map` in its configs) runs only with
+`load_backbone(spec, trust_remote_code=True)`, which only the user's `--trust-remote-code`
+flag may set; without it the built-in classes load the checkpoint, or an error says the
+code is needed. The flag is passed to every transformers call explicitly: left unset,
+transformers asks on stdin whether to run such code.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +184,29 @@ class LlavaOnevisionBackbone(Backbone):
         return torch.cat(parts), mask
 
 
-def _load_llava_onevision(path: str, model_id: str, revision: str, device, dtype) -> LlavaOnevisionBackbone:
+@contextmanager
+def _remote_code_refused(spec: str, trust_remote_code: bool):
+    """transformers' refusal of a checkpoint's own code, re-raised naming the way to allow it."""
+    try:
+        yield
+    except ValueError as e:
+        if trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(f"model {spec!r} needs to run Python code it ships (auto_map in its configs), which is "
+                         "not allowed by default; read that code, then pass --trust-remote-code "
+                         "(load_backbone(..., trust_remote_code=True)) to run it") from None
+
+
+def _load_llava_onevision(path: str, model_id: str, revision: str, device, dtype,
+                          trust_remote_code: bool) -> LlavaOnevisionBackbone:
+    """Weights always go into transformers' own LLaVA-OneVision class; a checkpoint's code
+    can only be reached through its tokenizer/config `auto_map`, with trust_remote_code."""
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _remote_code_refused(path, trust_remote_code):
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor_template = Path(path) / "chat_template.json"
     if not getattr(tokenizer, "chat_template", None) and processor_template.is_file():
         tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")
@@ -202,8 +227,11 @@ def _family(config: dict) -> str:
                      "supported: tiny, llava_onevision")
 
 
-def load_backbone(spec: str, device=None, dtype=None) -> Backbone:
-    """"tiny", a local checkpoint directory, or a hub id -> Backbone on device, eval mode."""
+def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = False) -> Backbone:
+    """"tiny", a local checkpoint directory, or a hub id -> Backbone on device, eval mode.
+
+    trust_remote_code: run Python code the checkpoint ships; only from the user's flag.
+    """
     device, dtype = pick_device_dtype(device, dtype)
     path = TINY_DIR if spec == "tiny" else Path(spec)
     if path.is_dir():
@@ -220,12 +248,14 @@ def load_backbone(spec: str, device=None, dtype=None) -> Backbone:
             for p in bb.parameters():  # parameters only: rotary/time buffers stay fp32, as in HF
                 p.data = p.data.to(dtype)
             return bb
-        return _load_llava_onevision(str(path), model_id, revision, device, dtype)
+        return _load_llava_onevision(str(path), model_id, revision, device, dtype, trust_remote_code)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ValueError(f"model {spec!r} is neither 'tiny', an existing directory, nor a hub id (org/name)")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(spec)  # needs a reachable hub (or its local cache)
+    with _remote_code_refused(spec, trust_remote_code):  # needs a reachable hub (or its local cache)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     if config.model_type != "llava_onevision":
         raise ValueError(f"unsupported model family {config.model_type!r} for {spec}; supported: llava_onevision")
-    return _load_llava_onevision(spec, spec, getattr(config, "_commit_hash", None) or "main", device, dtype)
+    revision = getattr(config, "_commit_hash", None) or "main"
+    return _load_llava_onevision(spec, spec, revision, device, dtype, trust_remote_code)

@@ -80,8 +80,9 @@ def query_vector(queries: Tensor, kv_heads: int) -> np.ndarray:
 class WindowEncoder:
     """Holds a backbone; turns decoded windows into window objects."""
 
-    def __init__(self, model: str = "tiny", cfg: IndexConfig = IndexConfig(), device=None):
-        self.backbone = load_backbone(model, device=device)
+    def __init__(self, model: str = "tiny", cfg: IndexConfig = IndexConfig(), device=None,
+                 trust_remote_code: bool = False):
+        self.backbone = load_backbone(model, device=device, trust_remote_code=trust_remote_code)
         self.cfg = cfg
         bb = self.backbone
         self.image_size = bb.image_size

@@ -77,6 +77,7 @@ class IngestConfig:
     max_prune: float = 0.1  # refuse a prune that would remove more than this share of the index's videos
     dry_run: bool = False  # say what a run would add, re-index and remove; change nothing
     lease_ttl: float = 120.0  # seconds a crashed run's lease keeps the index before the next run takes over
+    trust_remote_code: bool = False  # run the checkpoint's own code: only from the user's --trust-remote-code
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -252,10 +253,10 @@ def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, mo
     report.pipeline_seconds = time.time() - pipeline_start
 
 
-def _identity(model: str, index_cfg: IndexConfig) -> tuple[str, tuple[int, int]]:
+def _identity(model: str, index_cfg: IndexConfig, trust_remote_code: bool) -> tuple[str, tuple[int, int]]:
     from model.encoder import WindowEncoder
 
-    encoder = WindowEncoder(model, index_cfg)
+    encoder = WindowEncoder(model, index_cfg, trust_remote_code=trust_remote_code)
     return encoder.fingerprint, tuple(encoder.image_size)
 
 
@@ -264,8 +265,8 @@ def _model_identity(cfg: IngestConfig) -> tuple[str, tuple[int, int]]:
     fingerprint, follows the device an actor gets: on a cluster with GPUs a task on a GPU
     answers; otherwise the driver does (a local Ray has this machine's devices)."""
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0):
-        return ray.get(ray.remote(num_gpus=1)(_identity).remote(cfg.model, cfg.index_cfg))
-    return _identity(cfg.model, cfg.index_cfg)
+        return ray.get(ray.remote(num_gpus=1)(_identity).remote(cfg.model, cfg.index_cfg, cfg.trust_remote_code))
+    return _identity(cfg.model, cfg.index_cfg, cfg.trust_remote_code)
 
 
 def _connect_ray(cfg: IngestConfig) -> bool:
@@ -308,7 +309,8 @@ def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tup
                                        "threads": max(1, round(cfg.decode_cpus)), **common},
              num_cpus=cfg.decode_cpus)
         .map_batches(EncodeActor, fn_constructor_kwargs={"model": cfg.model, "cfg": cfg.index_cfg, "model_fp": model_fp,
-                                                         "threads": max(1, round(resources["num_cpus"]))},
+                                                         "threads": max(1, round(resources["num_cpus"])),
+                                                         "trust_remote_code": cfg.trust_remote_code},
                      batch_size=cfg.encode_batch, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(size=actors), **resources)
         .map(write_window, fn_kwargs={"index": cfg.index, "model_fp": model_fp, "endpoint_url": cfg.endpoint_url,

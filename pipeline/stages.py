@@ -205,13 +205,13 @@ def thumbnail(frame: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
 class EncodeActor:
     """Holds one WindowEncoder for the actor's life; encodes the batch's window rows."""
 
-    def __init__(self, model: str, cfg: IndexConfig, threads: int, model_fp: str):
+    def __init__(self, model: str, cfg: IndexConfig, threads: int, model_fp: str, trust_remote_code: bool = False):
         import torch
 
         from model.encoder import WindowEncoder
 
         torch.set_num_threads(threads)  # the CPUs this actor holds, not the node's
-        self.encoder = WindowEncoder(model, cfg)
+        self.encoder = WindowEncoder(model, cfg, trust_remote_code=trust_remote_code)
         self.node = ray.get_runtime_context().get_node_id()
         if self.encoder.fingerprint != model_fp:  # e.g. a node whose GPU torch cannot use
             raise RuntimeError(f"encode actor on node {self.node}: model fingerprint {self.encoder.fingerprint} "

@@ -151,4 +151,4 @@ def test_ask_unknown_video_is_a_clear_error(indexed, capsys):
     _, index, questions = indexed
     assert main(["ask", index, questions[0].question, "--video", "not-a-video.mp4"]) == 1
     err = capsys.readouterr().err
-    assert "not-a-video.mp4" in err and "no ready video" in err
+    assert "not-a-video.mp4" in err and "not in the index" in err
