@@ -9,12 +9,12 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(STAMP) /usr/bin/ffmpeg
+setup: $(STAMP) /usr/bin/ffmpeg /usr/bin/jq
 
-/usr/bin/ffmpeg:
-	@command -v ffmpeg >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq ffmpeg; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq ffmpeg; fi; }
+/usr/bin/ffmpeg /usr/bin/jq:
+	@command -v $(notdir $@) >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(notdir $@); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(notdir $@); fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
