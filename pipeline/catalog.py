@@ -63,6 +63,7 @@ schema, or one whose columns have other types, is refused with a CatalogError na
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -239,7 +240,7 @@ def lance_storage_options(index_uri: str, endpoint_url: str | None = None) -> di
     if not index_uri.startswith("s3://"):
         return {}
     meta = s3_client(endpoint_url).meta
-    options = {"aws_region": meta.region_name or "us-east-1"}
+    options = {"aws_region": meta.region_name or "us-east-1", "client_max_retries": LANCE_S3_RETRIES}
     endpoint = meta.endpoint_url or ""
     if endpoint and not endpoint.split("://", 1)[-1].split("/")[0].endswith("amazonaws.com"):
         options["aws_endpoint"] = endpoint
@@ -248,7 +249,9 @@ def lance_storage_options(index_uri: str, endpoint_url: str | None = None) -> di
     return options
 
 
-_S3_CODES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")
+_S3_CODES = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+             "SlowDown", "InternalError", "ServiceUnavailable")
+LANCE_S3_RETRIES = "10"  # LanceDB's own default (3) gives up after ~2.5 s of S3 throttling
 
 
 def _check_bucket(uri: str, endpoint_url: str | None) -> None:
@@ -270,6 +273,23 @@ def _short_reason(err: Exception) -> str:
     text = str(err)
     code = next((c for c in _S3_CODES if c in text), None)
     return code or (text.splitlines() or [type(err).__name__])[0][:300]
+
+
+def _writes(what: str):
+    """Mark a catalog write: a storage failure becomes one CatalogError line naming the
+    catalog, the operation and S3's reason (LanceDB's own errors quote whole HTTP bodies).
+    Refusals of bad arguments (ValueError) and CatalogErrors pass as they are."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def write(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (CatalogError, ValueError):
+                raise
+            except Exception as e:
+                raise CatalogError(f"catalog {self.uri}: {what} failed: {_short_reason(e)}") from None
+        return write
+    return wrap
 
 
 def _now() -> datetime:
@@ -534,6 +554,7 @@ class Catalog:
                             "lost_times": [float(t) for t in row.lost_times]})
         self._merge(self.videos, "video_key", pa.Table.from_pylist(records, schema=VIDEOS_SCHEMA))
 
+    @_writes("writing video rows")
     def upsert_videos(self, rows: Sequence[VideoRow]) -> None:
         """Insert or replace video rows (key: video_id + model_fp). `attempts` is kept from
         the stored row: only `mark_failed` counts attempts."""
@@ -557,6 +578,7 @@ class Catalog:
     def upsert_video(self, row: VideoRow) -> None:
         self.upsert_videos([row])
 
+    @_writes("recording windows")
     def record_windows(self, items: Sequence[tuple[WindowRow, FrameBatch]]) -> None:
         """Record written window objects and their frames; safe to repeat.
 
@@ -651,6 +673,7 @@ class Catalog:
                 self._recorded[(vid, model_fp)] = recorded[vid]
         return deleted
 
+    @_writes("discarding partial windows")
     def discard_partial_windows(self, video_id: str, model_fp: str) -> int:
         """Delete a video's frames rows of windows that have no window row (left by a crash
         between the two commits of `record_windows`); returns how many rows went."""
@@ -692,6 +715,7 @@ class Catalog:
             schema=frames_schema(vectors.shape[1]),
         )
 
+    @_writes("marking a video ready")
     def mark_ready(self, video_id: str, model_fp: str) -> VideoRow:
         """Turn a video `ready` after checking that windows 0..n-1 and all its frames are
         recorded, and fill its lost frames from its windows; raises CatalogError (and
@@ -718,6 +742,7 @@ class Catalog:
         self._recorded.pop((video_id, model_fp), None)
         return row
 
+    @_writes("marking a video failed")
     def mark_failed(self, video_id: str, model_fp: str, reason: str, error_class: str = "permanent") -> VideoRow:
         """Record a failure with its reason and class and count the attempt. The row must
         exist (upsert the video as pending/ingesting before working on it)."""
@@ -731,6 +756,7 @@ class Catalog:
         self._recorded.pop((video_id, model_fp), None)
         return row
 
+    @_writes("remembering source identities")
     def remember_sources(self, items: Sequence[SourceIdentity]) -> None:
         """Insert or replace what these listed files were (key: the uri's exact bytes)."""
         if not items:
@@ -742,6 +768,7 @@ class Catalog:
                             "size": int(s.size), "etag": s.etag, "video_id": s.video_id, "updated_at": now})
         self._merge(self.sources, "uri_key", pa.Table.from_pylist(records, schema=SOURCES_SCHEMA))
 
+    @_writes("removing videos")
     def remove_videos(self, video_ids: Sequence[str], store: ObjectStore) -> None:
         """Delete videos (every model's rows and objects). The rows are first marked failed
         so nothing reads them as ready while their objects go; window rows go before their
@@ -790,6 +817,7 @@ class Catalog:
         self.compact()
         return True
 
+    @_writes("compacting")
     def compact(self, keep: timedelta = KEEP_VERSIONS, all_tables: bool = False) -> list[str]:
         """Merge small fragments, bring indexes up to date and delete versions older than
         `keep`, in the tables written since the last compaction (`frames` only once it
@@ -806,6 +834,7 @@ class Catalog:
         self._touched -= set(names)
         return names
 
+    @_writes("optimizing")
     def optimize(self) -> None:
         """Compact every table, `frames` included, and build a vector index on frames once
         large enough to pay (the end of a run: readers come next)."""
@@ -823,6 +852,7 @@ class Catalog:
                 )
 
     # ---- runs and status ---------------------------------------------------------------
+    @_writes("recording a run")
     def start_run(self, source: str, model_fp: str, run_id: str | None = None) -> str:
         """Record a run as `running`; `run_id` is the lease's when the run holds one."""
         run_id = run_id or uuid.uuid4().hex
@@ -836,6 +866,7 @@ class Catalog:
         self._committed(self._runs)
         return run_id
 
+    @_writes("finishing a run")
     def finish_run(self, run_id: str, counts: dict, status: str = "done") -> None:
         """Close a run with its counts, then compact tables and build indexes (`optimize`)."""
         if not isinstance(run_id, str) or not run_id.isalnum():

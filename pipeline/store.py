@@ -326,7 +326,8 @@ def s3_client(endpoint_url: str | None = None):
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
-            config = Config(retries={"mode": "adaptive", "total_max_attempts": 10})
+            config = Config(retries={"mode": "adaptive", "total_max_attempts": 10},
+                            connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT)
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
             _clients[cache_key] = client
     return client
@@ -352,6 +353,8 @@ def s3_error_reason(err: Exception) -> tuple[str, str]:
 
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 BODY_ATTEMPTS = 3  # reads of a response body cut off mid-stream
+S3_CONNECT_TIMEOUT = 5.0  # seconds; botocore's default (60 s) would hold a task a minute per stalled attempt
+S3_READ_TIMEOUT = 10.0  # seconds per socket read (not per transfer): a stalled answer is retried
 
 
 def _cut_off(err: Exception) -> bool:

@@ -286,7 +286,7 @@ def test_a_crash_between_the_two_commits_is_discarded_on_resume(tmp_path, monkey
         raise OSError("killed between the frames commit and the windows commit")
 
     monkeypatch.setattr(cat.windows, "add", crash)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(CatalogError, match="recording windows failed: killed"):
         cat.record_windows([window(v, 1), window(v, 2)])
     monkeypatch.undo()
     resumed = Catalog(index)  # the rerun
@@ -309,7 +309,7 @@ def test_record_windows_discards_partial_windows_itself(tmp_path, monkeypatch):
     cat = Catalog(index)
     cat.upsert_video(v)
     monkeypatch.setattr(cat.windows, "add", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CatalogError, match="recording windows failed: disk full"):
         cat.record_windows([window(v, 0), window(v, 1)])
     monkeypatch.undo()
     assert cat.frames.count_rows() == 8 and cat.windows.count_rows() == 0
@@ -460,14 +460,15 @@ def test_an_old_schema_index_is_migrated_in_place(tmp_path):
     _v1_index(tmp_path / "old")
     index = str(tmp_path / "old")
     cat = Catalog(index)
-    assert cat.schema_version == catalog_mod.SCHEMA_VERSION == 2
-    assert cat.meta.to_arrow().to_pylist() == [{"key": "schema_version", "value": "2"}]
+    assert cat.schema_version == catalog_mod.SCHEMA_VERSION == 3
+    assert cat.meta.to_arrow().to_pylist() == [{"key": "schema_version", "value": "3"}]
     assert cat.videos.schema == catalog_mod.VIDEOS_SCHEMA and cat.windows.schema == catalog_mod.WINDOWS_SCHEMA
     ready = cat.get_video(vid(1), FP)
     assert (ready.uri, ready.status, ready.frames_lost, ready.lost_times, ready.error_class) == \
         ("/archive/v1.mp4", "ready", 0, [], None)
     assert cat.get_video(vid(2), FP).attempts == 2
     assert [w.lost_times for w in cat.window_rows(vid(1), FP)] == [(), ()]
+    assert [w.header_sha256 for w in cat.window_rows(vid(1), FP)] == ["", ""]  # readers refuse: verify --repair
     assert cat.summary()["last_run"]["counts"] == {"ready": 1, "failed": 1}
     assert cat.known_sources() == {}
     # old rows take part in merges and writes like new ones: no duplicates
@@ -486,8 +487,8 @@ def test_an_index_of_a_newer_or_foreign_schema_is_refused(tmp_path):
     import pyarrow as pa
 
     newer = tmp_path / "newer"
-    Catalog(str(newer)).meta.update(where="key = 'schema_version'", values={"value": "3"})
-    with pytest.raises(CatalogError, match=r"newer/catalog: schema version 3, newer than this framekv's 2"):
+    Catalog(str(newer)).meta.update(where="key = 'schema_version'", values={"value": "4"})
+    with pytest.raises(CatalogError, match=r"newer/catalog: schema version 4, newer than this framekv's 3"):
         Catalog(str(newer))
     foreign = tmp_path / "foreign"
     lancedb.connect(str(foreign / "catalog")).create_table(
