@@ -292,6 +292,18 @@ def _encode_resources(cfg: IngestConfig) -> tuple[int, dict]:
     return (cfg.encode_actors or 1), {"num_cpus": cfg.encode_cpus}
 
 
+def _check_cpus(cfg: IngestConfig, actors: int, resources: dict) -> None:
+    """Refuse a cluster too small for the pipeline: the encode actors and one decode task
+    (Ray Data's repartition tasks also take 1 CPU) must fit at once, or the run would wait
+    forever without a word."""
+    need = actors * resources["num_cpus"] + max(1.0, cfg.decode_cpus)
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if have < need:
+        raise ValueError(f"the Ray cluster has {have:g} CPUs; this ingest needs at least {need:g} "
+                         f"({actors} encode actor(s) x {resources['num_cpus']:g} CPU + one decode task): "
+                         "give a local Ray more with --num-cpus, or lower --encode-cpus / --encode-actors")
+
+
 def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tuple[int, int], registry,
              run_id: str):
     ctx = ray.data.DataContext.get_current()
@@ -300,6 +312,7 @@ def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tup
     items = [{**StageRow(uri=t.src.uri, size=t.src.size, etag=t.src.etag, video_id=t.video_id).as_row(),
               "done": np.asarray(t.done, dtype=np.int64)} for t in todo]
     actors, resources = _encode_resources(cfg)
+    _check_cpus(cfg, actors, resources)
     common = {"endpoint_url": cfg.endpoint_url, "retry": cfg.retry, "run_id": run_id}
     return (
         ray.data.from_items(items, override_num_blocks=min(len(items), 1000))

@@ -73,6 +73,7 @@ class Cluster:
     head: str
     ip: str  # the worker's, as Ray reports it
     client_port: int  # the head's Ray Client server
+    dashboard: str  # the head's state API: asked by address, never through /tmp/ray's "current cluster"
     processes: list[subprocess.Popen]  # head, worker, idle
 
 
@@ -123,14 +124,14 @@ def cluster(tmp_path_factory):
     for folder in (hidden, covered, readonly):
         folder.mkdir()
     temp_dir = tempfile.mkdtemp(prefix="fkv", dir="/tmp")  # short: Ray puts sockets in it
-    port, client_port = _free_port(), _free_port()
+    port, client_port, dashboard_port = _free_port(), _free_port(), _free_port()
     hide, ro = shlex.quote(str(hidden)), shlex.quote(str(readonly))
     namespace = (f"mount -t tmpfs -o size=1m framekv-hidden {hide} && "
                  f"mount -t tmpfs -o size=1m framekv-covered {shlex.quote(str(covered))} && "
                  f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro}")
     logs = [root / f"{name}.log" for name in ("head", "worker", "idle")]
     processes = [_start(["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                          f"--ray-client-server-port={client_port}"], logs[0])]
     try:
         address = f"127.0.0.1:{port}"
@@ -154,7 +155,7 @@ def cluster(tmp_path_factory):
         by_cpus = {n["Resources"].get("CPU", 0): n for n in nodes if n["NodeID"] != head}
         yield Cluster(root, hidden, covered, readonly, worker=by_cpus[1]["NodeID"], idle=by_cpus[0]["NodeID"],
                       head=head, ip=by_cpus[1]["NodeManagerAddress"], client_port=client_port,
-                      processes=processes)
+                      dashboard=f"http://127.0.0.1:{dashboard_port}", processes=processes)
     finally:
         ray.shutdown()
         for p in reversed(processes):
@@ -256,7 +257,8 @@ def test_s3_uris_run_no_task(cluster):
     from ray.util.state import list_tasks
 
     def created_since(ms: int) -> list:
-        return [t for t in list_tasks(filters=[("name", "=", TASK_NAME)], limit=10_000, detail=True)
+        return [t for t in list_tasks(address=cluster.dashboard, filters=[("name", "=", TASK_NAME)],
+                                      limit=10_000, detail=True)
                 if t.creation_time_ms is not None and t.creation_time_ms >= ms]
 
     since = int(time.time() * 1000)
