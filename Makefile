@@ -9,12 +9,15 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(STAMP) /usr/bin/ffmpeg /usr/bin/jq
+setup: $(STAMP) /usr/bin/ffmpeg /usr/bin/jq /usr/bin/chromium /usr/bin/chromedriver
 
-/usr/bin/ffmpeg /usr/bin/jq:
+# Debian packages: the binary's name, except chromedriver (package chromium-driver);
+# chromium and its driver drive the web page's test (tests/test_serve_page.py)
+APT_PACKAGE = $(if $(filter chromedriver,$(notdir $@)),chromium-driver,$(notdir $@))
+/usr/bin/ffmpeg /usr/bin/jq /usr/bin/chromium /usr/bin/chromedriver:
 	@command -v $(notdir $@) >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(notdir $@); \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(notdir $@); fi; }
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(APT_PACKAGE); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(APT_PACKAGE); fi; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.answer import answer_cached, answer_embeddings
+from model.generate import answer_cached, answer_embeddings
 from model.backbone import load_backbone
 from model.ask import read_selected_kv, read_selected_embeddings
 from model.config import CompressionConfig, IndexConfig

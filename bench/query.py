@@ -10,6 +10,11 @@ video length, one run times per question:
 - `exact` + `cached` and `fast` + `cached` through `model.ask.ask`: scoring, top-K,
   answering from the cached K/V of the K frames. Median of `--repeats` questions.
 and the bytes each question reads from the cache against the video's total cache bytes.
+For the tiny model also a warm `pipeline.query.Index.ask` (`fast` + `cached`) over the
+same objects written as a local index (objects + catalog rows, as an ingest leaves
+them): p50 / p99 seconds over `--index-repeats` questions after a warm-up, and the
+range reads (GETs on S3) and bytes per question, headers included (a warm Index
+should read none).
 Frame embeddings are random (timing only); the cache objects are built beforehand with
 prefill_windows + write_window, kept in memory and read through WindowReader range
 reads; ingest is not timed. Windows of 64 frames, LP-Comp on, fp32.
@@ -18,7 +23,10 @@ reads; ingest is not timed. Windows of 64 frames, LP-Comp on, fp32.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -26,13 +34,17 @@ import numpy as np
 import torch
 
 from bench.cache import mid_backbone
-from model.answer import DecodeConfig, answer_embeddings
+from model.generate import GenerateConfig, answer_embeddings
 from model.ask import ask
 from model.backbone import load_backbone
 from model.config import CompressionConfig, IndexConfig
-from model.kvcache import reader_from_bytes, write_window
+from model.encoder import frame_vector_layer, frame_vectors
+from model.kvcache import header_digest, reader_from_bytes, sha256_hex, write_window
 from model.lpcomp import prefill_windows
 from model.qccomp import QuestionContext
+from pipeline.catalog import Catalog, FrameBatch, VideoRow, WindowRow
+from pipeline.query import Index
+from pipeline.store import open_store, window_key
 
 QUESTIONS = ("what colour is the star ?", "which shape is red ?", "is there a blue circle ?")
 COMP = CompressionConfig()
@@ -40,6 +52,7 @@ WINDOW = 64
 # Index layouts per model (None: the default fast layers). The tiny model's default
 # scans 3 of its 4 layers' keys; one fast layer is the small-read alternative.
 FAST_LAYERS = {"tiny": [None, (2,)], "mid": [None]}
+INDEX_FP = hashlib.sha256(b"bench.query").hexdigest()[:16]  # unregistered: Index reads it with `tiny`
 
 
 @dataclass
@@ -72,20 +85,56 @@ def build_video(bb, frames: int, fast_layers: tuple[int, ...], seed: int = 0, ba
     return Video(blobs, embs)
 
 
-def time_full(bb, video: Video, question: str, cfg: DecodeConfig) -> float:
+def time_full(bb, video: Video, question: str, cfg: GenerateConfig) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         answer_embeddings(bb, QuestionContext.build(bb, question), video.embs, COMP, cfg)
     return time.perf_counter() - t0
 
 
-def time_ask(bb, video: Video, score_mode: str, k: int, cfg: DecodeConfig, repeats: int) -> tuple[float, int]:
+def time_ask(bb, video: Video, score_mode: str, k: int, cfg: GenerateConfig, repeats: int) -> tuple[float, int]:
     """Median seconds per question and the bytes one question reads."""
     readers = video.readers()
-    ask(bb, readers, QUESTIONS[0], k=k, score_mode=score_mode, decode=cfg)  # warm-up
-    runs = [ask(bb, readers, QUESTIONS[i % len(QUESTIONS)], k=k, score_mode=score_mode, decode=cfg)
+    ask(bb, readers, QUESTIONS[0], k=k, score_mode=score_mode, generation=cfg)  # warm-up
+    runs = [ask(bb, readers, QUESTIONS[i % len(QUESTIONS)], k=k, score_mode=score_mode, generation=cfg)
             for i in range(repeats)]
     return statistics.median(a.timings["total"] for a in runs), max(a.bytes_read for a in runs)
+
+
+def write_index(root: str, video: Video, name: str) -> str:
+    """`video`'s objects as a one-video local index (objects, window and frame rows, ready);
+    returns the video id. The frame vectors are computed from the objects' keys, as the
+    encoder does."""
+    catalog, store = Catalog(root), open_store(root)
+    video_id = hashlib.sha256(name.encode()).hexdigest()
+    readers = video.readers()
+    frames = sum(r.frames for r in readers)
+    catalog.upsert_videos([VideoRow(video_id, INDEX_FP, f"/bench/{name}.mp4", 0, "mtime:0", status="ingesting",
+                                    frames=frames, windows=len(readers), duration=float(frames))])
+    first = 0
+    for i, (blob, r) in enumerate(zip(video.blobs, readers)):
+        key = window_key(INDEX_FP, video_id, i)
+        store.put(key, blob)
+        row = WindowRow(video_id, INDEX_FP, i, float(r.times[0]), float(r.times[-1]), r.frames, key, sha256_hex(blob),
+                        len(blob), header_sha256=header_digest(blob))
+        vectors = frame_vectors(r.score_keys(frame_vector_layer(r.meta.fast_layers)))
+        catalog.record_windows([(row, FrameBatch(first, r.times, vectors))])
+        first += r.frames
+    catalog.mark_ready(video_id, INDEX_FP)
+    return video_id
+
+
+def time_index(root: str, video_id: str, k: int, cfg: GenerateConfig, repeats: int) -> dict:
+    """Warm `Index.ask` (fast + cached): p50 / p99 seconds and reads per question."""
+    with Index(root) as index:
+        index.ask(QUESTIONS[0], video=video_id, k=k, generation=cfg)  # opens the video: headers, backbone
+        runs = [index.ask(QUESTIONS[i % len(QUESTIONS)], video=video_id, k=k, generation=cfg)
+                for i in range(repeats)]
+    seconds = [r.timings["total"] for r in runs]
+    return {"p50": float(np.percentile(seconds, 50)), "p99": float(np.percentile(seconds, 99)),
+            "gets": float(np.mean([r.reads.gets for r in runs])),
+            "header_gets": float(np.mean([r.reads.header_gets for r in runs])),
+            "mb": float(np.mean([r.reads.bytes for r in runs])) / 1e6}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,14 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=4, help="max new tokens per answer")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--index-repeats", type=int, default=20, help="warm Index.ask questions timed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = DecodeConfig(max_new_tokens=args.tokens)
+    cfg = GenerateConfig(max_new_tokens=args.tokens)
 
     print(f"threads={args.threads} k={args.k} tokens={args.tokens} window={WINDOW} LP-Comp on, fp32")
     header = ("model", "fast layers", "frames", "cache MB", "full s", "exact+cached s", "fast+cached s",
               "full/exact", "full/fast", "exact read %", "fast read %")
-    rows = []
+    rows, index_rows = [], []
+    root = tempfile.mkdtemp(prefix="framekv-bench-query-")
     for name in args.models:
         bb = load_backbone("tiny", device="cpu") if name == "tiny" else mid_backbone()
         for frames in args.frames:
@@ -119,11 +170,26 @@ def main(argv: list[str] | None = None) -> None:
                              f"{exact:.3f}", f"{fast:.3f}", f"{full / exact:.1f}x", f"{full / fast:.1f}x",
                              f"{100 * exact_bytes / total:.1f}", f"{100 * fast_bytes / total:.1f}"))
                 print(" | ".join(map(str, rows[-1])), flush=True)
+                if name == "tiny":  # Index loads backbones by name; the random mid model has none
+                    label = f"v{len(index_rows)}-f{frames}"  # one video per measurement
+                    t = time_index(root, write_index(root, video, label), args.k, cfg, args.index_repeats)
+                    index_rows.append((",".join(map(str, fast_layers)), frames, f"{t['p50']:.3f}", f"{t['p99']:.3f}",
+                                       f"{t['gets']:.1f}", f"{t['header_gets']:.1f}", f"{t['mb']:.2f}"))
+                    print("  warm Index.ask: " + " | ".join(map(str, index_rows[-1])), flush=True)
+    shutil.rmtree(root)
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(map(str, r)) + " |")
+    if index_rows:
+        header = ("fast layers", "frames", "Index.ask p50 s", "p99 s", "GETs / question", "header GETs / question",
+                  "MB / question")
+        print(f"\nwarm Index.ask, tiny, fast + cached, local index, {args.index_repeats} questions\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in index_rows:
+            print("| " + " | ".join(map(str, r)) + " |")
 
 
 if __name__ == "__main__":

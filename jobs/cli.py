@@ -7,8 +7,10 @@
     framekv verify INDEX [--repair] [--json] [--workers 16]
     framekv delete INDEX [VIDEO ...] [--where SQL] [--keep-uris] [--dry-run] [--json]
     framekv cleanup INDEX [--older-than 0s] [--json]
+    framekv nightly CONFIG.yaml [--json]
     framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
-                [--answer cached|reencode]
+                [--answer cached|reencode] [--json]
+    framekv search INDEX QUERY [--top 10] [--where SQL] [--json]
 
 Errors about the user's input (a missing index, a bad argument) print one line naming
 the input and the reason; FRAMEKV_DEBUG=1 shows the traceback instead. Exit codes, so a
@@ -19,7 +21,7 @@ scheduler can alert on a bad night:
     3  more than --max-failed videos failed (each is in the report, with its class)
     4  --prune refused (the source listed nothing or could not be fully read, or more
        than --max-prune of the index would go); nothing was deleted
-    5  another run holds the index's lease (ingest, delete, cleanup); nothing was done
+    5  another run holds the index's lease (ingest, nightly, delete, cleanup); nothing was done
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import sys
 
 from jobs.erase import add_cleanup_parser, add_delete_parser
+from jobs.nightly import add_nightly_parser
 from jobs.verify import add_verify_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,22 +195,53 @@ def format_status(status: dict) -> str:
     lines += [f"  {v['frames_lost']} frames could not be decoded in {v['uri']} at "
               + ", ".join(f"{t:.2f}" for t in v["lost_times"][:8]) + (" ..." if len(v["lost_times"]) > 8 else "") + " s"
               for v in status["lost_frames"]]
+    if len(status.get("models", [])) > 1:  # a model migration: which model serves how many videos
+        lines += [f"  model {m['model_fp']} ({m['model']}, last run {m['used_at']}): {m['ready']} ready"
+                  for m in status["models"]]
     for run in status.get("runs", []):
         counts = run.get("counts") or {}
+        if "ingests" in counts:  # a nightly run (pipeline/nightly.py)
+            lines.append(f"  nightly {run['run_id'][:12]} ({run['status']}, started {run['started_at']}): "
+                         f"{len(counts['ingests'])} sources, {counts.get('failed', 0)} failed, "
+                         f"{counts.get('reindexed', 0)} re-indexed, {counts.get('deferred', 0)} deferred"
+                         + "".join(f"; breach: {b}" for b in counts.get("breaches", [])))
+            continue
         lines.append(f"  run {run['run_id'][:12]} ({run['status']}, started {run['started_at']}): "
                      f"{counts.get('new', 0)} new, {counts.get('ready', 0)} ready, {counts.get('failed', 0)} failed, "
                      f"{counts.get('windows_encoded', 0)} windows encoded, {counts.get('removed', 0)} removed")
     return "\n".join(lines)
 
 
-def run_ask(args: argparse.Namespace) -> int:
-    from jobs.query import ask_index
+def _query_index(args: argparse.Namespace):
+    from pipeline.query import Index
 
-    result = ask_index(args.index, args.question, video=args.video, k=args.k, score=args.score,
-                       answer_mode=args.answer, model=args.model, endpoint_url=args.endpoint_url,
-                       trust_remote_code=args.trust_remote_code)
-    print(result.format())
+    return Index(args.index, endpoint_url=args.endpoint_url, model=args.model,
+                 trust_remote_code=args.trust_remote_code)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    with _query_index(args) as index:
+        result = index.ask(args.question, video=args.video, k=args.k, score=args.score, answer=args.answer)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from pipeline.query import format_moments
+
+    with _query_index(args) as index:
+        moments = index.search(args.query, top=args.top, where=args.where)
+    print(json.dumps([m.to_dict() for m in moments], indent=2) if args.json else format_moments(moments))
+    return 0
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    """What `ask` and `search` share: how to open the index and its models."""
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--model", default="tiny", help="backbone for caches the catalog does not register a model for")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model checkpoint run Python code it ships (auto_map); only for code you have read")
+    p.add_argument("--endpoint-url", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,18 +263,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index")
     p.add_argument("question")
     p.add_argument("--video", default=None, help="video id (or a unique prefix) or source URI; default: the library")
-    p.add_argument("--k", type=_positive_int, default=16, help="frames kept for the answer (default 16)")
+    p.add_argument("--k", type=_positive_int, default=None,
+                   help="frames kept for the answer (default 16, or every frame of a shorter video)")
     p.add_argument("--score", choices=("fast", "exact"), default="fast")
     p.add_argument("--answer", choices=("cached", "reencode"), default="cached")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let the model checkpoint run Python code it ships (auto_map); only for code you have read")
-    p.add_argument("--endpoint-url", default=None)
+    _add_query_args(p)
     p.set_defaults(run=run_ask)
+
+    p = sub.add_parser("search", help="moments (video, time) of the library that match QUERY, best first")
+    p.add_argument("index")
+    p.add_argument("query")
+    p.add_argument("--top", type=_positive_int, default=10, help="moments shown (default 10)")
+    p.add_argument("--where", default=None, help="only videos matching this SQL filter on the videos table, "
+                                                 "e.g. \"uri LIKE 's3://cams/2024-%%'\"")
+    _add_query_args(p)
+    p.set_defaults(run=run_search)
 
     add_verify_parser(sub)
     add_delete_parser(sub)
     add_cleanup_parser(sub)
+    add_nightly_parser(sub)
+    from jobs.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

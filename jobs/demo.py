@@ -22,8 +22,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from jobs.cli import main as cli_main, open_index  # noqa: E402
-from jobs.query import ask_index  # noqa: E402
+from jobs.cli import main as cli_main  # noqa: E402
+from pipeline.query import Index  # noqa: E402
 from jobs.sample_archive import QUESTIONS_FILE, read_questions, write_sample_archive  # noqa: E402
 from pipeline.ingest import IngestConfig, ingest  # noqa: E402
 
@@ -54,17 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     cli_main(["status", args.index])
 
     print("== framekv ask")
-    catalog = open_index(args.index)
+    index = Index(args.index)  # models and readers loaded once for every question
     correct = 0
     for q in questions:
-        result = ask_index(args.index, q.question, video=str(archive / q.file), k=args.k, catalog=catalog)
+        result = index.ask(q.question, video=str(archive / q.file), k=args.k)
         words = result.answer.text.split()
         correct += bool(words) and words[0] == q.answer
         print(f"\nQ [{q.file}] {q.question}   expected: {q.answer} "
               f"(needle on screen {q.needle_seconds[0]:.0f}-{q.needle_seconds[1]:.0f} s)")
         print("  " + result.format().replace("\n", "\n  "))
     q = next(q for q in questions if q.question.startswith("when"))  # names colour and shape: one clip has it
-    result = ask_index(args.index, q.question, k=args.k, catalog=catalog)
+    result = index.ask(q.question, k=args.k)
     print(f"\nQ [whole library] {q.question}   expected: {q.answer} from {q.file}")
     print("  " + result.format().replace("\n", "\n  "))
     found = Path(result.video.uri).name == q.file

@@ -7,7 +7,8 @@ order, answer over them (docs/METHOD.md, 'Answering modes'). No frame is decoded
 
 score_mode: `fast` (cached keys of a few layers) or `exact` (question prefilled against
 every window's K/V); answer_mode: `cached` (selected frames' K/V) or `reencode` (LP-Comp
-over the selected frames' cached embeddings). See model/qccomp.py and model/answer.py.
+over the selected frames' cached embeddings). See model/qccomp.py and model/generate.py.
+`exact` + `cached` answers from the K/V scoring already read: one range read a window.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.answer import Answer, DecodeConfig, answer_cached, answer_embeddings
+from model.generate import Answer, GenerateConfig, answer_cached, answer_embeddings
 from model.config import CompressionConfig
 from model.kvcache import WindowReader
 from model.qccomp import FrameScores, QuestionContext, score_frames
@@ -26,10 +27,11 @@ from model.qccomp import FrameScores, QuestionContext, score_frames
 ANSWER_MODES = ("cached", "reencode")
 
 
-def _by_window(picked: FrameScores) -> dict[int, list[int]]:
-    """Selected frames grouped by window, each window's frames in ascending order."""
+def _by_window(picked: FrameScores, pairs: list[tuple[int, int]] | None = None) -> dict[int, list[int]]:
+    """Selected frames (or `pairs` of them) grouped by window, each window's frames in
+    ascending order."""
     out: dict[int, list[int]] = {}
-    for w, j in sorted(zip(picked.window.tolist(), picked.frame.tolist())):
+    for w, j in sorted(zip(picked.window.tolist(), picked.frame.tolist()) if pairs is None else pairs):
         out.setdefault(w, []).append(j)
     return out
 
@@ -42,14 +44,19 @@ def _time_order(picked: FrameScores, groups: dict[int, list[int]]) -> Tensor:
 
 
 def read_selected_kv(readers: Sequence[WindowReader], picked: FrameScores) -> tuple[list[Tensor], list[Tensor]]:
-    """The selected frames' cached K/V per layer [K, n(l), kvh, hd], in `picked`'s order;
-    one range read per run of adjacent frames of a window."""
-    groups = _by_window(picked)
-    parts = [readers[w].window_kv(js) for w, js in groups.items()]
-    order = _time_order(picked, groups)
-    layers = range(len(parts[0][0]))
-    keys = [torch.cat([k[l] for k, _ in parts])[order] for l in layers]
-    values = [torch.cat([v[l] for _, v in parts])[order] for l in layers]
+    """The selected frames' cached K/V per layer [K, n(l), kvh, hd], in `picked`'s order.
+    Frames whose K/V scoring kept (`picked.kept`) are not read again; the others cost one
+    range read per run of adjacent frames of a window."""
+    order = list(zip(picked.window.tolist(), picked.frame.tolist()))
+    frames = {wj: picked.kept[wj] for wj in order if wj in picked.kept}
+    missing = [wj for wj in order if wj not in frames]
+    for w, js in _by_window(picked, missing).items():
+        keys, values = readers[w].window_kv(js)
+        for i, j in enumerate(js):
+            frames[(w, j)] = ([k[i] for k in keys], [v[i] for v in values])
+    layers = range(len(frames[order[0]][0]))
+    keys = [torch.stack([frames[wj][0][l] for wj in order]) for l in layers]
+    values = [torch.stack([frames[wj][1][l] for wj in order]) for l in layers]
     return keys, values
 
 
@@ -79,7 +86,7 @@ def ask(
     k: int = 16,
     score_mode: str = "fast",
     answer_mode: str = "cached",
-    decode: DecodeConfig = DecodeConfig(),
+    generation: GenerateConfig = GenerateConfig(),
     score_layers: Sequence[int] | None = None,
     comp: CompressionConfig | None = None,
     batch_windows: int = 16,
@@ -96,18 +103,19 @@ def ask(
     t0 = time.perf_counter()
     with torch.inference_mode():
         ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
-        scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows)
+        keep = k if answer_mode == "cached" else 0  # `exact` keeps the K/V it read of the k best
+        scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows, keep=keep)
         picked = scores.top_k(k)
         t1 = time.perf_counter()
         if answer_mode == "cached":
             keys, values = read_selected_kv(readers, picked)
             t2 = time.perf_counter()
-            gen = answer_cached(backbone, ctx, keys, values, decode)
+            gen = answer_cached(backbone, ctx, keys, values, generation)
         else:
             comp = stored_compression(backbone, readers[0], comp)
             embs = read_selected_embeddings(readers, picked)
             t2 = time.perf_counter()
-            gen = answer_embeddings(backbone, ctx, embs, comp, decode)
+            gen = answer_embeddings(backbone, ctx, embs, comp, generation)
     t3 = time.perf_counter()
     return Answer(
         text=gen.text, token_ids=gen.token_ids, mode=answer_mode, score_mode=score_mode, k=k,

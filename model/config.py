@@ -12,7 +12,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 3  # 2: objects record the model revision that wrote them; 3: and the LP-Comp keep policy
+FORMAT_VERSION = 4  # 2: objects record the model revision that wrote them; 3: and the LP-Comp keep policy;
+# 4: each frame's tensors contiguous, frames in time order (one range read per run of frames)
 KEEP_POLICIES = ("suffix", "uniform", "keynorm")
 
 

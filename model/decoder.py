@@ -16,12 +16,17 @@ Usage:
     res = extend(dec, embeds, valid=valid, past=caches, prob_rows=rows, prob_layers=(2, 3))
     logits = backbone.lm_head(dec.norm(res.hidden)); caches = res.past
 
+    # generation: each layer's cache allocated once, new tokens written in place
+    caches = [KVCache.of(p, extra=max_new_tokens) for p in caches]
+    res = extend(dec, next_embeds, past=caches)              # res.past is caches, grown by one
+
 Masking: token i attends every valid past key and every valid new key j <= i
 (causal by index), so padding may sit anywhere (ragged frames, ragged text); a
 token's rotary position is its layer's past length + the number of valid new
 tokens before it. Shapes: hidden [B, T, D]; keys/values [B, T, kv_heads, head_dim].
-CPU: SDPA in the model dtype (fp32). CUDA with flash-attn installed: varlen kernel
-over the valid tokens only.
+CPU: SDPA in the model dtype (fp32); grouped-query attention never repeats the kv
+heads (the query heads of a group attend their kv head as extra query rows).
+CUDA with flash-attn installed: varlen kernel over the valid tokens only.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 try:  # optional GPU kernel; the CPU path never needs it
     from flash_attn import flash_attn_varlen_func
@@ -60,6 +65,58 @@ class LayerKV:
         )
 
 
+class KVCache:
+    """One layer's cache for generation, allocated once for `capacity` tokens.
+
+    `extend` writes the new tokens' K/V into the free slots in place, so a generated
+    token costs its own K/V, not a copy of the cache (LayerKV.cat copies it all).
+    Stored heads first, [B, kv_heads, capacity, head_dim], the layout attention reads:
+    attention gets a view of the used slots, no transpose copy.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, *,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.keys = torch.empty(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.used = 0  # slots written, valid or not
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # valid tokens: the next position
+        self.all_valid = True  # no padded slot so far: attention needs no mask for the past
+
+    @classmethod
+    def of(cls, past: LayerKV, extra: int) -> KVCache:
+        """A cache holding `past` (copied once) with room for `extra` more tokens."""
+        b, s, kvh, hd = past.keys.shape
+        cache = cls(b, kvh, hd, s + extra, dtype=past.keys.dtype, device=past.keys.device)
+        cache.append(past.keys, past.values, past.valid)
+        return cache
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, keys: Tensor, values: Tensor, valid: Tensor | None = None) -> None:
+        """Write keys (already rotated) and values [B, T, kv_heads, head_dim] into the next T slots."""
+        t = keys.shape[1]
+        if self.used + t > self.capacity:
+            raise ValueError(f"KV cache full: {self.used} of {self.capacity} slots used, {t} more do not fit")
+        end = self.used + t
+        self.keys[:, :, self.used : end] = keys.transpose(1, 2)
+        self.values[:, :, self.used : end] = values.transpose(1, 2)
+        if valid is None:
+            self.valid[:, self.used : end] = True
+            self.length += t
+        else:
+            self.valid[:, self.used : end] = valid
+            self.length += valid.sum(1)
+            self.all_valid = self.all_valid and bool(valid.all())
+        self.used = end
+
+    def heads(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the used slots: keys, values [B, kv_heads, used, head_dim], valid [B, used]."""
+        return self.keys[:, :, : self.used], self.values[:, :, : self.used], self.valid[:, : self.used]
+
+
 @dataclass
 class LayerOut:
     hidden: Tensor  # [B, T, D] residual stream after the layer
@@ -72,7 +129,7 @@ class LayerOut:
 @dataclass
 class Extended:
     hidden: Tensor  # [B, T, D] after the last layer run (final norm NOT applied)
-    past: list[LayerKV]  # per layer run: old past + the new tokens
+    past: list[LayerKV] | list[KVCache]  # per layer run: old past + the new tokens
     probs: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, heads, R, S_l]
 
 
@@ -132,25 +189,44 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, past_valid:
     return full
 
 
+def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """SDPA with grouped-query attention and no repeated K/V. q [B, T, H, hd] (rotated),
+    k/v [B, kvh, S, hd], mask [B, 1, T, S] or None -> [B, T, H, hd].
+
+    Query head h uses kv head h // (H / kvh) (as transformers' repeat_kv), so the H / kvh
+    query heads of a group become that many times T query rows of their kv head: one
+    attention per kv head, reading each key once."""
+    b, t, h, hd = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    qg = q.view(b, t, kvh, g, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    if mask is not None:
+        mask = mask[:, :, None].expand(b, 1, g, t, mask.shape[-1]).reshape(b, 1, g * t, mask.shape[-1])
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, kvh, g*T, hd]
+    return o.view(b, kvh, g, t, hd).permute(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
 def layer_step(
     decoder,
     layer_idx: int,
     hidden: Tensor,
     positions: Tensor,
     valid: Tensor | None = None,
-    past: LayerKV | None = None,
+    past: LayerKV | KVCache | None = None,
     prob_rows: Tensor | None = None,
 ) -> LayerOut:
     """Run decoder layer `layer_idx` on hidden [B, T, D] at rotary `positions` [B, T].
 
-    `past` holds keys (already rotated) and values to attend to before the new tokens.
-    `prob_rows` (LongTensor [R] or [B, R], indices into T) also returns those rows'
-    attention probabilities over all keys, computed explicitly (differentiable).
+    `past` holds keys (already rotated) and values to attend to before the new tokens;
+    a KVCache also receives the new tokens' K/V, in place. `prob_rows` (LongTensor [R]
+    or [B, R], indices into T) also returns those rows' attention probabilities over all
+    keys, computed explicitly (differentiable).
     """
     layer = decoder.layers[layer_idx]
     attn = layer.self_attn
     b, t, _ = hidden.shape
     hd = attn.head_dim
+    new_valid = valid is None or bool(valid.all())
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
 
@@ -161,44 +237,50 @@ def layer_step(
     cos, sin = decoder.rotary_emb(x, positions)
     q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-    k_all, v_all = (k_rot, v) if past is None else (torch.cat([past.keys, k_rot], 1), torch.cat([past.values, v], 1))
-    past_valid = None if past is None else past.valid
+    # Keys and values heads first [B, kvh, S_past + T, hd], as attention reads them.
+    if past is None:
+        past_valid, past_all_valid = None, True
+        kh, vh = k_rot.transpose(1, 2), v.transpose(1, 2)
+    elif isinstance(past, KVCache):
+        past_valid, past_all_valid = past.valid[:, : past.used], past.all_valid
+        past.append(k_rot, v, None if new_valid else valid)
+        kh, vh, _ = past.heads()
+    else:
+        past_valid, past_all_valid = past.valid, bool(past.valid.all())
+        kh = torch.cat([past.keys, k_rot], 1).transpose(1, 2)
+        vh = torch.cat([past.values, v], 1).transpose(1, 2)
 
     if _use_flash(q):
-        o = _flash_attention(q_rot, k_all, v_all, valid, past_valid, attn.scaling)
+        o = _flash_attention(q_rot, kh.transpose(1, 2), vh.transpose(1, 2), valid, past_valid, attn.scaling)
+    elif new_valid and past is None:  # plain causal: no T x T mask in memory
+        o = F.scaled_dot_product_attention(q_rot.transpose(1, 2), kh, vh, is_causal=True, scale=attn.scaling,
+                                           enable_gqa=True).transpose(1, 2)
+    elif new_valid and past_all_valid and t == 1:  # one decoding step sees every key
+        o = _grouped_attention(q_rot, kh, vh, None, attn.scaling)
     else:
-        # SDPA wants heads first; GQA: repeat the kv heads to match the query heads.
-        qh = q_rot.transpose(1, 2)
-        kh = repeat_kv(k_all.transpose(1, 2), attn.num_key_value_groups)
-        vh = repeat_kv(v_all.transpose(1, 2), attn.num_key_value_groups)
-        everything_valid = bool(valid.all()) and (past is None or bool(past.valid.all()))
-        if everything_valid and past is None:  # plain causal: no T x T mask in memory
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=attn.scaling)
-        elif everything_valid and t == 1:  # one decoding step sees every key
-            o = F.scaled_dot_product_attention(qh, kh, vh, scale=attn.scaling)
-        else:
-            mask = attention_mask(valid, past_valid)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=attn.scaling)
-        o = o.transpose(1, 2)
+        o = _grouped_attention(q_rot, kh, vh, attention_mask(valid, past_valid), attn.scaling)
     hidden = hidden + attn.o_proj(o.reshape(b, t, -1))
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     probs = None
     if prob_rows is not None:
         mask = attention_mask(valid, past_valid, prob_rows)
-        probs = _row_probs(q_rot, k_all, mask, prob_rows, attn.num_key_value_groups, attn.scaling)
+        probs = _row_probs(q_rot, kh, mask, prob_rows, attn.scaling)
     return LayerOut(hidden, k, k_rot, v, probs)
 
 
-def _row_probs(q: Tensor, k: Tensor, mask: Tensor, rows: Tensor, groups: int, scale: float) -> Tensor:
-    """Explicit fp32 softmax for a few query rows ([R] shared or [B, R]); mask [B, 1, R, S]."""
+def _row_probs(q: Tensor, k: Tensor, mask: Tensor, rows: Tensor, scale: float) -> Tensor:
+    """Explicit fp32 softmax for a few query rows ([R] shared or [B, R]) of q [B, T, H, hd]
+    against k [B, kvh, S, hd] (grouped as `_grouped_attention`: no repeated keys);
+    mask [B, 1, R, S] -> [B, H, R, S]."""
     if rows.dim() == 1:
         q = q[:, rows]
     else:
         q = q.gather(1, rows[:, :, None, None].expand(-1, -1, *q.shape[2:]))
-    qh = q.transpose(1, 2).float()  # [B, H, R, hd]
-    kh = repeat_kv(k.transpose(1, 2), groups).float()  # [B, H, S, hd]
-    scores = (qh @ kh.transpose(-1, -2)) * scale
+    b, r, h, hd = q.shape
+    kvh = k.shape[1]
+    qg = q.view(b, r, kvh, h // kvh, hd).permute(0, 2, 3, 1, 4).reshape(b, kvh, -1, hd).float()
+    scores = ((qg @ k.float().transpose(-1, -2)) * scale).view(b, h, r, -1)  # [B, H, R, S]
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
@@ -206,7 +288,7 @@ def extend(
     decoder,
     hidden: Tensor,
     valid: Tensor | None = None,
-    past: list[LayerKV] | None = None,
+    past: list[LayerKV] | list[KVCache] | None = None,
     layers: range | None = None,
     prob_rows: Tensor | None = None,
     prob_layers: tuple[int, ...] = (),
@@ -216,7 +298,9 @@ def extend(
 
     This is the question/decode side: cached frame KV in `past` (indexed by layer;
     lengths may differ per layer, as LP-Comp leaves them), then question tokens, then
-    one token at a time. The returned `past` lists the layers run, in order.
+    one token at a time. The returned `past` lists the layers run, in order: new
+    LayerKVs (old past + the new tokens; `past` itself is left as it was) or, for
+    KVCaches, the same caches with the new tokens written into them.
     """
     layers = range(len(decoder.layers)) if layers is None else layers
     b, t, _ = hidden.shape
@@ -231,8 +315,11 @@ def extend(
             prob_rows if l in prob_layers else None,
         )
         hidden = out.hidden
-        mine = LayerKV(out.keys_rot, out.values, valid)
-        new_past.append(mine if p is None else p.cat(mine))
+        if isinstance(p, KVCache):
+            new_past.append(p)  # layer_step wrote the new tokens into it
+        else:
+            mine = LayerKV(out.keys_rot, out.values, valid)
+            new_past.append(mine if p is None else p.cat(mine))
         if out.probs is not None:
             probs[l] = out.probs
     return Extended(hidden, new_past, probs)

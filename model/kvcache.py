@@ -3,19 +3,23 @@
 Layout (docs/METHOD.md, 'Window object format'). `__metadata__` holds one entry, "framekv": a JSON object (sorted
 keys) with format_version, model_fp, revision, schedule (n(l) per layer), policy, n0, kv_heads, head_dim,
 fast_layers, times, duration, dtype, quant, and sha256 (tensor name -> hex digest of
-that tensor's bytes, so a range read of one tensor is verified on its own). One entry,
-because safetensors writes several metadata entries in random order: with one, the
-same window always gives the same bytes, hence the same object sha256.
+that tensor's bytes, so a range read of one tensor is verified on its own). One entry
+with sorted keys, and a header written in a fixed order: the same window always gives
+the same bytes, hence the same object sha256.
 
-Tensors:
-  score.k{l}   [F, n(l), kvh, hd]  pre-RoPE keys of fast layer l, all frames (`fast` scoring)
-  frame.{j}    [2 * sum(n), kvh, hd]  frame j's rows K_0, V_0, K_1, V_1, ... layer-major,
-               so a selected frame is one range read
+Tensors, in file order (the writer places the data itself; safetensors' own writer would
+sort them by dtype and name, frame.1, frame.10 .. frame.19, frame.2, scales apart):
+  kscale         [L, kvh, hd]  int8 only, float32: per-channel key scales, one per
+                 layer/head/channel, shared by every frame of the window (and by score.k{l});
+                 right after the header, so the header read usually brings it
+  score.k{l}   [F, n(l), kvh, hd]  pre-RoPE keys of fast layer l, all frames (`fast`
+               scoring), ascending l: all of them one range read
+  then per frame j, in time order:
+  frame.{j}.scale  [sum(n), kvh]  int8 only, float32: per-token value scales (one per token and head)
+  frame.{j}    [2 * sum(n), kvh, hd]  frame j's rows K_0, V_0, K_1, V_1, ... layer-major;
+               any run of adjacent frames, with their scales, is one range read
   emb          [F, n0, D]  the frames' projector outputs (for re-encoding)
-With quant="int8" the K/V tensors above are int8 and these float32 scales sit beside:
-  kscale         [L, kvh, hd]  per-channel key scales, one per layer/head/channel,
-                 shared by every frame of the window (and by score.k{l})
-  frame.{j}.scale  [sum(n), kvh]  per-token value scales (one per token and head)
+With quant="int8" the K/V tensors above are int8.
 Quantisation is symmetric, q = round(x / s) with s = amax / 127, so every dequantised
 element is within s / 2 of the original (plus the storage dtype's rounding when that is
 bf16); tests/test_kvcache.py checks this bound and a 2% relative bound on attention
@@ -43,16 +47,22 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 
 from model.config import FORMAT_VERSION
 
 QUANTS = ("none", "int8")
 META_KEY = "framekv"
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _NAMED_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
-_HEADER_PREFETCH = 16 * 1024  # covers length + header of a 64-frame unquantised window
+# The first read of an object of known size: 1/16 of it, within these bounds. A header
+# is at most ~400 bytes a frame (int8: two entries and two digests) against >= 12 KB a
+# frame of K/V and embeddings for the tiny model (~170 KB for a Qwen2.5-1.5B shape), so
+# 1/16 covers the header with room for the kscale behind it: one read where a fixed
+# 16 KiB needed two for an int8 64-frame window of the 1.5B shape (22.5 KB of header).
+_PREFETCH_MIN = 16 * 1024
+_PREFETCH_MAX = 128 * 1024
 MAX_HEADER = 64 * 1024 * 1024  # longer length prefixes are refused: not a window object
 _META_FIELDS = (
     "format_version", "model_fp", "revision", "schedule", "policy", "n0", "kv_heads", "head_dim",
@@ -124,6 +134,28 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def prefetch_bytes(size: int) -> int:
+    """How many bytes the first read of an object of `size` bytes asks for."""
+    return min(size, max(_PREFETCH_MIN, min(_PREFETCH_MAX, size // 16)))
+
+
+def _safetensors_bytes(tensors: dict[str, bytes], specs: dict[str, tuple[str, list[int]]], metadata: str) -> bytes:
+    """A safetensors file with the tensors' data in the order of `tensors` (name ->
+    raw bytes; specs: name -> (dtype name, shape)). The format allows any order of data
+    offsets; the header lists the tensors in that order, compact JSON padded with spaces
+    so the data starts 8-byte aligned, as safetensors' own writer pads it. Same input,
+    same bytes."""
+    header: dict = {"__metadata__": {META_KEY: metadata}}
+    offset = 0
+    for name, raw in tensors.items():
+        dtype, shape = specs[name]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(tensors.values())
+
+
 def _quantise(x: torch.Tensor, reduce_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 over `reduce_dims`; returns (int8 tensor, float32 scale keeping dims)."""
     x = x.float()
@@ -176,7 +208,10 @@ def write_window(
     if any(not 1 <= n <= emb.shape[1] for n in schedule):
         raise ValueError(f"tokens per layer {schedule} must lie in 1..n0 = {emb.shape[1]}")
 
-    tensors: dict[str, torch.Tensor] = {"emb": emb.detach().to("cpu", dtype)}
+    # Insertion order is file order (module docstring): kscale, score keys, each frame's
+    # value scales and K/V in time order, emb.
+    tensors: dict[str, torch.Tensor] = {}
+    vscales = None
     if quant == "int8":
         quantised = [_quantise(k, (0, 1)) for k in keys]  # per channel: scale [1, 1, kvh, hd]
         keys = [q for q, _ in quantised]
@@ -184,16 +219,18 @@ def write_window(
         quantised = [_quantise(v, (3,)) for v in values]  # per token and head: scale [F, n, kvh, 1]
         values = [q for q, _ in quantised]
         vscales = [s.squeeze(-1) for _, s in quantised]
-        for j in range(frames):
-            tensors[f"frame.{j}.scale"] = torch.cat([s[j] for s in vscales])
     else:
         keys = [k.to(dtype) for k in keys]
         values = [v.to(dtype) for v in values]
-    for l in fast_layers:
+    for l in sorted(fast_layers):
         tensors[f"score.k{l}"] = keys[l]
     for j in range(frames):
+        if vscales is not None:
+            tensors[f"frame.{j}.scale"] = torch.cat([s[j] for s in vscales])
         tensors[f"frame.{j}"] = torch.cat([t for k, v in zip(keys, values) for t in (k[j], v[j])])
+    tensors["emb"] = emb.detach().to("cpu", dtype)
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    raw = {name: _tensor_bytes(t) for name, t in tensors.items()}
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -209,9 +246,10 @@ def write_window(
         "duration": float(duration),
         "dtype": _DTYPE_NAMES[dtype],
         "quant": quant,
-        "sha256": {name: sha256_hex(_tensor_bytes(t)) for name, t in tensors.items()},
+        "sha256": {name: sha256_hex(b) for name, b in raw.items()},
     }
-    return save_safetensors(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    specs = {name: (_ST_NAMES[t.dtype], list(t.shape)) for name, t in tensors.items()}
+    return _safetensors_bytes(raw, specs, json.dumps(meta, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -231,9 +269,10 @@ class WindowReader:
     that header. None means "unchecked", for objects that no catalog describes (bytes in
     hand, tests); "" is a catalog row written before header digests and is refused.
 
-    The header (8-byte length + JSON) costs one small read when `size` is given (two
-    otherwise), every tensor read after it only its own bytes (none if the header read
-    already fetched them); tensors adjacent in the file are fetched in one read.
+    The header (8-byte length + JSON) costs one read when `size` is given (two
+    otherwise): the first `prefetch_bytes(size)` bytes, which also bring what follows the
+    header (kscale, the first score keys). Every tensor read after it costs only its own
+    bytes not fetched yet; tensors adjacent in the file are fetched in one read.
     `read_range` may raise on a range past the end of the object (pipeline.store
     does); `size` lets the reader check that up front. Its own errors (e.g. StoreError)
     pass through unchanged; every defect of the object itself is a CacheError.
@@ -271,11 +310,12 @@ class WindowReader:
 
     def score_keys_for(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Pre-RoPE keys of the given fast layers, all frames: layer -> [F, n(l), kvh, hd].
-        The score tensors lie side by side in the object: one range read for all."""
+        The score tensors lie side by side in the object, behind kscale: one range read
+        for all (usually none for kscale, which the header read brought)."""
         missing = [l for l in layers if l not in self.meta.fast_layers]
         if missing:
             raise CacheError(self.name, f"layers {missing} have no score keys (fast layers {self.meta.fast_layers})")
-        raw = self._tensors([f"score.k{l}" for l in layers])
+        raw = self._tensors([f"score.k{l}" for l in layers] + self._kscale_unread())
         keys = {l: raw[f"score.k{l}"] for l in layers}
         if self.meta.quant == "int8":
             keys = {l: self._as_stored_dtype(k * self._key_scales()[l]) for l, k in keys.items()}
@@ -285,11 +325,12 @@ class WindowReader:
         """Frame j's keys (pre-RoPE) and values per layer, each [n(l), kvh, hd]."""
         self._check_frame(j)
         names = [f"frame.{j}"] + ([f"frame.{j}.scale"] if self.meta.quant == "int8" else [])
-        return self._unpack_frame(j, self._tensors(names))
+        return self._unpack_frame(j, self._tensors(names + self._kscale_unread()))
 
     def window_kv(self, frames: Sequence[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """KV of `frames` (default all, in the given order) stacked per layer: keys and
-        values [len(frames), n(l), kvh, hd]. Adjacent frames come in one range read."""
+        values [len(frames), n(l), kvh, hd]. A run of adjacent frames (with their int8
+        scales) is one range read."""
         frames = list(range(self.frames)) if frames is None else list(frames)
         if not frames:
             raise ValueError(f"{self.name}: window_kv needs at least one frame")
@@ -298,7 +339,7 @@ class WindowReader:
         names = [f"frame.{j}" for j in frames]
         if self.meta.quant == "int8":
             names += [f"frame.{j}.scale" for j in frames]
-        raw = self._tensors(names)
+        raw = self._tensors(names + self._kscale_unread())
         per_frame = [self._unpack_frame(j, raw) for j in frames]
         layers = range(len(self.meta.schedule))
         keys = [torch.stack([f[0][l] for f in per_frame]) for l in layers]
@@ -324,17 +365,18 @@ class WindowReader:
     def _read(self, start: int, end: int, exact: bool = True) -> bytes:
         if end <= len(self._head):  # already fetched with the header
             return self._head[start:end]
-        buf = self._read_range(start, end)
+        have = self._head[start:]  # a range that begins inside the first read: fetch only the rest
+        buf = self._read_range(start + len(have), end)
         self.reads += 1
         self.bytes_read += len(buf)
-        if exact and len(buf) != end - start:
-            raise CacheError(self.name, f"truncated object: bytes {start}..{end} gave {len(buf)} bytes")
-        return buf
+        if exact and len(buf) != end - start - len(have):
+            raise CacheError(self.name, f"truncated object: bytes {start + len(have)}..{end} gave {len(buf)} bytes")
+        return have + buf if have else buf
 
     def _read_header(self) -> tuple[dict[str, _Entry], dict[str, str], WindowMeta]:
         # Knowing the size, one read usually covers length + header; without it, never
         # ask for bytes past the end (stores refuse such ranges): 8 bytes, then the header.
-        end = 8 if self.size is None else min(_HEADER_PREFETCH, self.size)
+        end = 8 if self.size is None else prefetch_bytes(self.size)
         buf = self._read(0, end, exact=False)
         if len(buf) < 8:
             raise CacheError(self.name, f"truncated object: {len(buf)} bytes, no safetensors header")
@@ -387,12 +429,15 @@ class WindowReader:
         if missing:
             raise CacheError(self.name, f"metadata lacks {missing}: not a framekv window object")
         meta = {k: meta[k] for k in _META_FIELDS}
-        if meta["format_version"] != FORMAT_VERSION:
-            raise CacheError(
-                self.name,
-                f"format_version {meta['format_version']!r} is not supported (this build reads "
-                f"{FORMAT_VERSION}); re-index with this version",
-            )
+        version = meta["format_version"]
+        if version != FORMAT_VERSION:
+            if _is_int(version) and version < FORMAT_VERSION:
+                advice = (f"it was written by an older framekv; re-index the video with `framekv ingest`, which "
+                          f"writes version {FORMAT_VERSION} objects (under a new model fingerprint)")
+            else:
+                advice = "it was written by a newer framekv; read it with that version"
+            raise CacheError(self.name, f"format_version {version!r} is not supported (this build reads "
+                                        f"{FORMAT_VERSION}): {advice}")
         if meta["quant"] not in QUANTS or meta["dtype"] not in _NAMED_DTYPES:
             raise CacheError(self.name, f"unknown quant {meta['quant']!r} or dtype {meta['dtype']!r}")
         for key in ("n0", "kv_heads", "head_dim"):
@@ -478,21 +523,28 @@ class WindowReader:
         out: dict[str, torch.Tensor] = {}
         for run in runs:
             base = self._entries[run[0]].start
-            buf = self._read(base, self._entries[run[-1]].end)
+            buf = memoryview(self._read(base, self._entries[run[-1]].end))
             for tname in run:
                 e = self._entries[tname]
                 out[tname] = self._decode(tname, buf[e.start - base : e.end - base])
+        if "kscale" in out:
+            self._kscale = out["kscale"]
         return out
 
-    def _decode(self, tname: str, raw: bytes) -> torch.Tensor:
-        if sha256_hex(raw) != self._sha256[tname]:
+    def _decode(self, tname: str, raw: memoryview) -> torch.Tensor:
+        if hashlib.sha256(raw).hexdigest() != self._sha256[tname]:
             raise CacheError(self.name, f"sha256 mismatch in tensor {tname!r}: object is corrupt")
         e = self._entries[tname]
         return torch.frombuffer(bytearray(raw), dtype=e.dtype).reshape(e.shape)
 
+    def _kscale_unread(self) -> list[str]:
+        """["kscale"] while an int8 object's key scales are still to be read: asked for with
+        the K/V that need them, so they come in the same pass."""
+        return ["kscale"] if self.meta.quant == "int8" and self._kscale is None else []
+
     def _key_scales(self) -> torch.Tensor:
         if self._kscale is None:
-            self._kscale = self._tensors(["kscale"])["kscale"]
+            self._tensors(["kscale"])
         return self._kscale
 
     def _as_stored_dtype(self, x: torch.Tensor) -> torch.Tensor:

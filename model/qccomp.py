@@ -1,8 +1,9 @@
 """QC-Comp: score every cached frame of a video for a question (docs/METHOD.md, 'QC-Comp').
 
-    ctx = QuestionContext.build(backbone, "what colour is the star ?")
+    ctx = QuestionContext.build(backbone, "what colour is the star ?")  # prefix KV reused per model
     scores = score_frames(backbone, readers, ctx, mode="fast")    # FrameScores, one row a frame
     picked = scores.top_k(16)                                     # best 16, back in time order
+    scores = score_frames(backbone, readers, ctx, mode="exact", keep=16)  # + the best 16's K/V
 
 Each window is scored segment-locally, as it was encoded: at layer l the sequence is
 [prefix | the window's frames, n(l) cached tokens each | question], positions
@@ -14,7 +15,9 @@ Modes:
 - `exact`: the question is prefilled against the window's cached K/V layer by layer up
   to the last scoring layer (batched over windows, padded and masked), so the question's
   hidden states see the video exactly as a joint forward would. Reads every layer's K/V
-  of every frame (`frame.{j}`).
+  of every frame (`frame.{j}`: one range read a window); with `keep=k` the K/V of the
+  k best frames so far are kept (`FrameScores.kept`), so answering over them reads
+  nothing more.
 - `fast`: an approximation that reads only the cached pre-RoPE keys of the fast layers
   (`score.k{l}`). The question's hidden states come from [prefix | question] with no
   video (computed once per question, not per window); at each fast layer its queries
@@ -33,8 +36,9 @@ computed in another context, which is not the paper's computation).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,12 +51,53 @@ from model.kvcache import CacheError, WindowReader
 SCORE_MODES = ("exact", "fast")
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """The template prefix's K/V at every layer (positions 0..P-1). The prefix comes
+    first and sees neither the video nor the question, so one computation serves every
+    question and window of a model. Never written to: generation copies it into its
+    own cache."""
+
+    ids: Tensor  # [P]
+    past: list[LayerKV]  # per layer, batch 1: [1, P, kvh, hd]
+
+    @classmethod
+    @torch.inference_mode()
+    def compute(cls, backbone) -> Prefix:
+        ids = backbone.prefix_ids()
+        return cls(ids, extend(backbone.decoder, backbone.embed_ids(ids)[None]).past)
+
+
+# backbone -> (what the prefix was computed from, Prefix); entries go with their backbone.
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prefix_inputs(backbone) -> tuple:
+    """What a Prefix depends on: the prefix ids and the decoder's weights. A weight is
+    identified by its storage and its version counter, so a weight replaced (p.data = ...,
+    a dtype or device move) or changed in place (an optimizer step) invalidates the cache."""
+    weights = tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in backbone.decoder.parameters())
+    return tuple(backbone.prefix_ids().tolist()), weights
+
+
+def model_prefix(backbone) -> Prefix:
+    """`backbone`'s Prefix, computed on first use and reused while its prefix ids and
+    decoder weights are unchanged: the same tensors, so bit-identical to recomputing."""
+    inputs = _prefix_inputs(backbone)
+    hit = _PREFIXES.get(backbone)
+    if hit is None or hit[0] != inputs:
+        hit = (inputs, Prefix.compute(backbone))
+        _PREFIXES[backbone] = hit
+    return hit[1]
+
+
 @dataclass
 class QuestionContext:
     """What every window's scoring (and the answer) shares for one question.
 
     prefix_past is the template prefix's K/V at every layer (positions 0..P-1; it does
-    not depend on the video), computed once per question.
+    not depend on the video nor on the question): `model_prefix(backbone)`, computed once
+    per model, unless `build` is given a Prefix.
     """
 
     question: str
@@ -62,15 +107,14 @@ class QuestionContext:
 
     @classmethod
     @torch.inference_mode()
-    def build(cls, backbone, question: str) -> QuestionContext:
+    def build(cls, backbone, question: str, prefix: Prefix | None = None) -> QuestionContext:
         ids, mask = backbone.question_ids(question)
         if not mask.any():
             raise ValueError(f"question {question!r} has no words of the user's to score frames with")
-        dec = backbone.decoder
-        prefix = backbone.embed_ids(backbone.prefix_ids())[None]
+        prefix = prefix or model_prefix(backbone)
         return cls(
             question=question,
-            prefix_past=extend(dec, prefix).past,
+            prefix_past=prefix.past,
             question_embs=backbone.embed_ids(ids),
             user_rows=mask.nonzero().squeeze(1).to(backbone.device),
         )
@@ -89,6 +133,9 @@ class FrameScores:
     times: np.ndarray  # [N] seconds
     scores: np.ndarray  # [N] float64, the paper's score: attention probability in the window
     window_frames: np.ndarray  # [N] frames in the frame's window
+    # (window, frame) -> that frame's pre-RoPE keys and values per layer [n(l), kvh, hd],
+    # as `exact` scoring read them (score_frames(keep=k): the k best), for the answer
+    kept: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict)
 
     @property
     def relative(self) -> np.ndarray:
@@ -108,8 +155,9 @@ class FrameScores:
             raise ValueError(f"k must be >= 1 frame, got {k}")
         best = np.argsort(-self.relative, kind="stable")[:k]
         best = best[np.lexsort((self.frame[best], self.window[best], self.times[best]))]
+        pairs = zip(self.window[best].tolist(), self.frame[best].tolist())
         return FrameScores(self.window[best], self.frame[best], self.times[best], self.scores[best],
-                           self.window_frames[best])
+                           self.window_frames[best], {wj: self.kept[wj] for wj in pairs if wj in self.kept})
 
 
 def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
@@ -164,8 +212,9 @@ def _frame_means(probs: Tensor, p: int, f_max: int, n: int) -> Tensor:
 
 
 def _score_exact(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
-                 score_layers: tuple[int, ...]) -> Tensor:
-    """[B, F_max] scores of a batch of windows: question prefilled against their K/V."""
+                 score_layers: tuple[int, ...]) -> tuple[Tensor, list]:
+    """[B, F_max] scores of a batch of windows (question prefilled against their K/V),
+    and the K/V read: per window (keys, values) per layer [F, n(l), kvh, hd]."""
     kvs = [r.window_kv() for r in readers]
     last = max(score_layers)
     past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
@@ -174,7 +223,34 @@ def _score_exact(backbone, ctx: QuestionContext, readers: Sequence[WindowReader]
     res = extend(backbone.decoder, q, past=past, layers=range(last + 1),
                  prob_rows=ctx.user_rows, prob_layers=score_layers)
     f_max = max(r.frames for r in readers)
-    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
+    scores = sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
+    return scores, kvs
+
+
+class _BestKV:
+    """The K/V of the `k` best frames scored so far, by the order `FrameScores.top_k`
+    ranks with (relative score descending, then earlier frame), so the k best of the
+    whole video are the ones left at the end. Memory: k frames plus one batch."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.best: list[tuple[float, int, tuple[int, int]]] = []  # (-relative, row, (window, frame))
+        self.kv: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
+
+    def offer(self, first_row: int, first_window: int, scores: list[np.ndarray], kvs: list) -> None:
+        """scores[i]: window first_window + i's float64 scores [F_i]; kvs[i] its K/V."""
+        new, row = [], first_row
+        for i, s in enumerate(scores):
+            rel = s * len(s)  # FrameScores.relative, the same float64 product
+            new += [(-float(rel[j]), row + j, (first_window + i, j)) for j in range(len(s))]
+            row += len(s)
+        self.best = sorted(self.best + new)[: self.k]
+        keep = {wj for _, _, wj in self.best}
+        self.kv = {wj: kv for wj, kv in self.kv.items() if wj in keep}
+        for _, _, (w, j) in self.best:
+            if (w, j) not in self.kv:  # clones: the batch's tensors are freed
+                keys, values = kvs[w - first_window]
+                self.kv[(w, j)] = ([k[j].clone() for k in keys], [v[j].clone() for v in values])
 
 
 def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> dict[int, Tensor]:
@@ -226,16 +302,19 @@ def score_frames(
     mode: str = "fast",
     score_layers: Sequence[int] | None = None,
     batch_windows: int = 16,
+    keep: int = 0,
 ) -> FrameScores:
     """Score every frame of the windows behind `readers` (one video, any order).
 
     score_layers: `exact` defaults to the paper's 21%..82% of depth; `fast` to the fast
-    layers stored in the objects (and may only use those).
+    layers stored in the objects (and may only use those). keep: with `exact`, also
+    return the K/V that scoring read of the `keep` best frames (`FrameScores.kept`), so
+    that answering over `top_k(keep)` needs no second read; `fast` reads no values.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}; choose one of {SCORE_MODES}")
-    if batch_windows < 1:
-        raise ValueError(f"batch_windows must be >= 1, got {batch_windows}")
+    if batch_windows < 1 or keep < 0:
+        raise ValueError(f"need batch_windows >= 1 and keep >= 0, got {batch_windows} and {keep}")
     check_readers(backbone, readers)
     ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
     num_layers = backbone.num_layers
@@ -246,18 +325,25 @@ def score_frames(
         raise ValueError(f"score layers {score_layers} must be a non-empty subset of 0..{num_layers - 1}")
     hidden = question_hidden(backbone, ctx, score_layers) if mode == "fast" else None
 
-    scores = []
+    scores: list[np.ndarray] = []
+    best = _BestKV(keep) if keep and mode == "exact" else None
+    rows = 0  # frames scored so far: the next frame's row in FrameScores
     for start in range(0, len(readers), batch_windows):
         batch = readers[start : start + batch_windows]
         if mode == "exact":
-            s = _score_exact(backbone, ctx, batch, score_layers)
+            s, kvs = _score_exact(backbone, ctx, batch, score_layers)
         else:
             s = _score_fast(backbone, ctx, batch, hidden)
-        scores += [s[i, : r.frames] for i, r in enumerate(batch)]
+        new = [s[i, : r.frames].double().cpu().numpy() for i, r in enumerate(batch)]
+        if best is not None:
+            best.offer(rows, start, new, kvs)
+        scores += new
+        rows += sum(r.frames for r in batch)
     return FrameScores(
         window=np.concatenate([np.full(r.frames, w) for w, r in enumerate(readers)]),
         frame=np.concatenate([np.arange(r.frames) for r in readers]),
         times=np.concatenate([r.times for r in readers]),
-        scores=torch.cat(scores).double().cpu().numpy(),
+        scores=np.concatenate(scores),
         window_frames=np.concatenate([np.full(r.frames, r.frames) for r in readers]),
+        kept=best.kv if best is not None else {},
     )

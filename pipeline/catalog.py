@@ -19,7 +19,9 @@ How to use (ingest side; one writer process, see below):
     cat.finish_run(run, counts={...})                                  # also optimizes
     cat.summary(), cat.runs(last=10)                                   # `framekv status`
 
-Question side: `window_rows`, `frame_table`, `search_frames`, `get_videos`.
+Question side: `serving_videos` (one ready row per video: its newest registered model's,
+so during a model migration every video stays answerable), `models`, `window_rows`,
+`frame_table`, `search_frames`, `get_videos`.
 
 Concurrency: all writes come from one process (the ingest driver's write stage). LanceDB
 commits are atomic per call, but two writers at once are not coordinated here. Readers in
@@ -57,8 +59,9 @@ no lost times, no error class), missing tables and indexes are created, then the
 is written; an interrupted migration is finished by the next open. Version 3 adds
 `windows.header_sha256` (the digest of each object's header, checked on every read):
 rows migrated from version 2 hold "" and readers refuse them until `framekv verify
---repair` fills them from objects whose whole sha256 still matches. An index of a newer
-schema, or one whose columns have other types, is refused with a CatalogError naming it.
+--repair` fills them from objects whose whole sha256 still matches. Version 4 adds
+`models` (what each fingerprint was computed from; empty for older indexes, whose readers
+use the model they are given) and the status "removed". An index of a newer schema, or one whose columns have other types, is refused with a CatalogError naming it.
 """
 
 from __future__ import annotations
@@ -78,9 +81,10 @@ import pyarrow as pa
 
 from pipeline.store import ObjectStore, check_hex_id, parse_s3_uri, s3_client, s3_error_reason, video_prefix
 
-STATUSES = ("pending", "ingesting", "ready", "failed")
+# "removed": its content left the source; hidden from questions, erased after the nightly's retention
+STATUSES = ("pending", "ingesting", "ready", "failed", "removed")
 ERROR_CLASSES = ("permanent", "transient")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VECTOR_METRIC = "cosine"  # frames.vector search and index
 VECTOR_INDEX_MIN_ROWS = 100_000  # below this a flat scan is fast enough and IVF training is poor
 REFINE_FACTOR = 10  # with a PQ index: re-rank limit x 10 candidates by their exact vectors
@@ -102,6 +106,7 @@ LANCE_FRAGMENT_ROWS = 1024 * 1024  # fragments this large are never rewritten by
 # minutes keep their snapshot; older versions' files are deleted.
 KEEP_VERSIONS = timedelta(minutes=10)
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+RUN_TAG = "run-"  # LanceDB version tags of nightly runs: run-<run_id>
 
 _VIDEOS_V1 = [
     ("video_id", pa.string()), ("model_fp", pa.string()), ("uri", pa.string()),
@@ -129,6 +134,10 @@ RUNS_SCHEMA = pa.schema([
     ("started_at", TIMESTAMP), ("finished_at", TIMESTAMP), ("status", pa.string()), ("counts", pa.string()),
 ])
 META_SCHEMA = pa.schema([("key", pa.string()), ("value", pa.string())])
+MODELS_SCHEMA = pa.schema([
+    ("model_fp", pa.string()), ("model", pa.string()), ("revision", pa.string()), ("config", pa.string()),
+    ("used_at", TIMESTAMP),
+])
 
 # Columns added by schema 2 that old rows fill from their own columns (SQL over the row;
 # the merge key and the exact uri bytes must not be null); every other added column starts
@@ -138,7 +147,7 @@ _MIGRATION_FILL = {
 }
 # BTree indexes: the key of each merge, and video_id wherever reads filter on it.
 _SCALAR_INDEXES = {"videos": ("video_id", "video_key"), "windows": ("video_id",), "frames": ("video_id",),
-                   "sources": ("uri_key",), "runs": (), "meta": ()}
+                   "sources": ("uri_key",), "runs": (), "meta": (), "models": ("model_fp",)}
 
 
 def frames_schema(dim: int) -> pa.Schema:
@@ -229,6 +238,18 @@ class SourceIdentity:
 
     def __post_init__(self) -> None:
         check_hex_id(self.video_id, "video_id")
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """One row of `models`: what a fingerprint was computed from, so a reader loads the
+    backbone that wrote a video's cache (`model`: the id or folder given to the ingest)."""
+
+    model_fp: str
+    model: str
+    revision: str
+    config: dict  # the IndexConfig, as dataclasses.asdict
+    used_at: datetime  # when a run last started with it
 
 
 def lance_storage_options(index_uri: str, endpoint_url: str | None = None) -> dict[str, str]:
@@ -351,6 +372,21 @@ def _window(rec: dict) -> WindowRow:
                         "header_sha256": rec.get("header_sha256") or ""})
 
 
+def _keep_tagged(table, keep: timedelta) -> timedelta:
+    """A version cleanup that spares the oldest tagged version: Lance refuses to clean up a
+    tagged version (and LanceDB cannot tell it to skip them), so every version from the
+    oldest tag on is kept until `drop_tags` removes that tag."""
+    tagged = {t["version"] for t in table.tags.list().values()}
+    stamps = [_version_time(v) for v in table.list_versions() if v["version"] in tagged]
+    return max(keep, _now() - min(stamps) + timedelta(minutes=1)) if stamps else keep
+
+
+def _version_time(version: dict) -> datetime:
+    """A LanceDB version's commit time (naive UTC in list_versions)."""
+    stamp = version["timestamp"]
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
 class Catalog:
     """LanceDB catalog of one index. Tables are created (or migrated) when it is opened."""
 
@@ -386,6 +422,7 @@ class Catalog:
             self.sources = self._table("sources", SOURCES_SCHEMA, existing)
             self._runs = self._table("runs", RUNS_SCHEMA, existing)  # `runs()` reads it
             self.meta = self._table("meta", META_SCHEMA, existing)
+            self._models = self._table("models", MODELS_SCHEMA, existing)  # `models()` reads it
             self.frames = self.db.open_table("frames") if "frames" in existing else None
             if self.frames is not None:
                 self._check_columns(self.frames, frames_schema(self.frames.schema.field("vector").type.list_size))
@@ -519,6 +556,27 @@ class Catalog:
             .limit(limit)
         )
         return query.to_arrow()
+
+    def serving_videos(self) -> list[VideoRow]:
+        """One ready row per video, the one questions read: of the model a run used last
+        among those that have the video ready (so a migration, or a rollback, serves the
+        new model's cache as soon as a video has it). Unregistered fingerprints, from
+        indexes older than schema 4, rank below every registered one; ties go to the
+        newest row."""
+        order = {fp: m.used_at.timestamp() for fp, m in self.models().items()}
+        best: dict[str, VideoRow] = {}
+        for row in self.list_videos(status="ready"):
+            rank = (order.get(row.model_fp, float("-inf")), row.updated_at.timestamp())
+            held = best.get(row.video_id)
+            if held is None or rank > (order.get(held.model_fp, float("-inf")), held.updated_at.timestamp()):
+                best[row.video_id] = row
+        return sorted(best.values(), key=lambda r: (r.uri, r.video_id))
+
+    def models(self) -> dict[str, ModelRecord]:
+        """Registered models by fingerprint."""
+        return {r["model_fp"]: ModelRecord(r["model_fp"], r["model"], r["revision"], json.loads(r["config"]),
+                                           r["used_at"])
+                for r in self._rows(self._models).to_pylist()}
 
     def known_sources(self) -> dict[str, SourceIdentity]:
         """Every remembered listed file, by uri (the original str)."""
@@ -790,6 +848,50 @@ class Catalog:
                     table.delete(where)
                     self._committed(table)
 
+    @_writes("marking videos removed")
+    def mark_removed(self, video_ids: Sequence[str]) -> None:
+        """Hide videos whose content left the source (every model's rows `removed`, now),
+        keeping rows and objects until `removed_before` names them: a file restored
+        within the retention is ready again without re-encoding."""
+        ids = list(dict.fromkeys(video_ids))
+        for i in range(0, len(ids), ID_BATCH):
+            where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
+            self.videos.update(where=where, values={"status": "removed", "error": "removed from source",
+                                                    "updated_at": _now()})
+            self._committed(self.videos)
+
+    def removed_before(self, age: timedelta) -> list[str]:
+        """Videos every row of which has been `removed` for at least `age`."""
+        cutoff = _now() - age
+        rows = self._rows(self.videos, None, ["video_id", "status", "updated_at"]).to_pylist()
+        live = {r["video_id"] for r in rows if r["status"] != "removed" or r["updated_at"] > cutoff}
+        return sorted({r["video_id"] for r in rows} - live)
+
+    @_writes("removing a model's cache")
+    def remove_model(self, model_fp: str, store: ObjectStore) -> int:
+        """Delete every row and object of one model fingerprint (a finished migration),
+        then its registration; returns the objects deleted. Rows go `failed` first so
+        nothing reads them while their objects go; a crash midway: call again."""
+        where = f"model_fp = '{check_hex_id(model_fp, 'model_fp')}'"
+        ids = {r["video_id"] for table in (self.videos, self.windows)
+               for r in self._rows(table, where, ["video_id"]).to_pylist()}
+        if self.videos.count_rows(where):
+            self.videos.update(where=where, values={"status": "failed", "error": "model retired",
+                                                    "error_class": "permanent"})
+            self._committed(self.videos)
+        deleted = 0
+        for vid in sorted(ids):
+            self._recorded.pop((vid, model_fp), None)
+            for key in list(store.list(video_prefix(model_fp, vid))):
+                store.delete(key)
+                deleted += 1
+        for table in (self.windows, self.frames, self.videos):
+            if table is not None and table.count_rows(where):
+                table.delete(where)
+                self._committed(table)
+        self.forget_model(model_fp)
+        return deleted
+
     def remove_missing(self, present_ids: Iterable[str], store: ObjectStore,
                        uri_prefix: str | None = None) -> list[str]:
         """Nightly clean-up: remove videos whose content is no longer in the source.
@@ -827,7 +929,7 @@ class Catalog:
         grown = self._frames_added >= max(1, min(FRAMES_GROWTH * self._frames_base, LANCE_FRAGMENT_ROWS))
         names = sorted(n for n in tables if all_tables or (n in self._touched and (n != "frames" or grown)))
         for name in names:
-            tables[name].optimize(cleanup_older_than=keep)
+            tables[name].optimize(cleanup_older_than=_keep_tagged(tables[name], keep))
         if "frames" in names:
             self._frames_base, self._frames_added = self.frames.count_rows(), 0
         self._commits = 0
@@ -852,6 +954,20 @@ class Catalog:
                 )
 
     # ---- runs and status ---------------------------------------------------------------
+    @_writes("registering a model")
+    def register_model(self, model_fp: str, model: str, revision: str, config: dict) -> None:
+        """Remember what `model_fp` is computed from, and that a run starts with it now
+        (which orders models for `serving_videos`)."""
+        check_hex_id(model_fp, "model_fp")
+        self._merge(self._models, "model_fp", pa.Table.from_pylist(
+            [{"model_fp": model_fp, "model": _display(model), "revision": revision,
+              "config": json.dumps(config, sort_keys=True), "used_at": _now()}], schema=MODELS_SCHEMA))
+
+    def forget_model(self, model_fp: str) -> None:
+        """Drop a model's registration (`remove_model` removes its rows first)."""
+        self._models.delete(f"model_fp = '{check_hex_id(model_fp, 'model_fp')}'")
+        self._committed(self._models)
+
     @_writes("recording a run")
     def start_run(self, source: str, model_fp: str, run_id: str | None = None) -> str:
         """Record a run as `running`; `run_id` is the lease's when the run holds one."""
@@ -879,11 +995,15 @@ class Catalog:
         self.optimize()
 
     def summary(self) -> dict:
-        """What `framekv status` prints: videos per status, ready frames/windows/bytes, last run."""
-        videos = self._rows(self.videos, None, ["status", "frames", "windows", "cache_bytes"]).to_pylist()
+        """What `framekv status` prints: videos per status (a video has a row per model),
+        ready frames/windows/bytes, the models newest first with their ready videos, last run."""
+        videos = self._rows(self.videos, None, ["status", "frames", "windows", "cache_bytes", "model_fp"]).to_pylist()
         ready = [v for v in videos if v["status"] == "ready"]
         last = self.runs(1)
+        models = sorted(self.models().values(), key=lambda m: m.used_at, reverse=True)
         return {
+            "models": [{"model_fp": m.model_fp, "model": m.model, "used_at": m.used_at.isoformat(),
+                        "ready": sum(v["model_fp"] == m.model_fp for v in ready)} for m in models],
             "index": self.index_uri,
             "videos": {s: sum(v["status"] == s for v in videos) for s in STATUSES},
             "frames": sum(v["frames"] for v in ready),
@@ -966,9 +1086,39 @@ class Catalog:
             self._runs.update(where=f"run_id = '{run_id}'", values=values)
             self._committed(self._runs)
 
+    # ---- versions ----------------------------------------------------------------------
+    def tag_run(self, run_id: str) -> dict[str, int]:
+        """Tag every table's current version `run-<run_id>` (a nightly's end state, to
+        check out later); returns the versions tagged."""
+        if not isinstance(run_id, str) or not run_id.isalnum():
+            raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
+        tagged = {}
+        for table in self._tables():
+            table.tags.create(f"{RUN_TAG}{run_id}", table.version)
+            tagged[table.name] = table.version
+        return tagged
+
+    def run_tags(self) -> dict[str, dict[str, int]]:
+        """Run tags per table: tag -> version."""
+        return {t.name: {tag: info["version"] for tag, info in t.tags.list().items() if tag.startswith(RUN_TAG)}
+                for t in self._tables()}
+
+    def drop_tags(self, older_than: timedelta | None = None) -> int:
+        """Delete the tags of versions older than `older_than` (None: every tag), so that a
+        version cleanup may delete those versions; returns the tags deleted."""
+        cutoff = None if older_than is None else _now() - older_than
+        dropped = 0
+        for table in self._tables():
+            stamps = {v["version"]: _version_time(v) for v in table.list_versions()}
+            for tag, info in table.tags.list().items():
+                if cutoff is None or stamps.get(info["version"], cutoff) < cutoff:
+                    table.tags.delete(tag)
+                    dropped += 1
+        return dropped
+
     def _tables(self) -> list:
-        return [t for t in (self.videos, self.windows, self.frames, self.sources, self._runs, self.meta)
-                if t is not None]
+        return [t for t in (self.videos, self.windows, self.frames, self.sources, self._runs, self.meta,
+                            self._models) if t is not None]
 
     def purge_deleted(self, store: ObjectStore) -> dict[str, int]:
         """Make deleted rows unreachable from the current version (an erasure), so that
@@ -1021,6 +1171,6 @@ class Catalog:
         with warnings.catch_warnings():  # LanceDB warns of exactly the above at 0
             warnings.filterwarnings("ignore", message=r"optimize\(cleanup_older_than=0\)")
             for table in self._tables():
-                table.optimize(cleanup_older_than=older_than, delete_unverified=True)
+                table.optimize(cleanup_older_than=_keep_tagged(table, older_than), delete_unverified=True)
         self._commits, self._touched = 0, set()
         return {table.name: len(table.list_versions()) for table in self._tables()}

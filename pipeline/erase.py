@@ -41,6 +41,7 @@ import re
 import sys
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 
@@ -353,6 +354,7 @@ class CleanupReport:
     rewritten: dict[str, int] = field(default_factory=dict)  # fragments rewritten per table (erasures to purge)
     versions: dict[str, int] = field(default_factory=dict)  # versions left per table
     stale_uploads: int = 0  # temp files / multipart uploads of killed writes removed
+    tags_dropped: int = 0  # run tags of versions cleaned up
     purged: list[str] = field(default_factory=list)  # erasures of which no file holds anything now
     pending: list[str] = field(default_factory=list)  # erasures still in versions younger than older_than
     seconds: float = 0.0
@@ -375,23 +377,27 @@ class CleanupReport:
         return text + f" ({self.seconds:.1f} s)"
 
 
-def cleanup_index(index_uri: str, older_than: timedelta, endpoint_url: str | None = None) -> CleanupReport:
+def cleanup_index(index_uri: str, older_than: timedelta, endpoint_url: str | None = None,
+                  lease: Lease | None = None) -> CleanupReport:
     """Compact every catalog table and delete its versions older than `older_than` with
     their files, remove stale uploads, and purge erased videos from every file (module
-    docstring). Holds the ingest lease: readers that opened the catalog more than
-    `older_than` ago fail afterwards."""
+    docstring). Run tags of versions older than `older_than` are dropped first, and every
+    tag when an erasure is purged (tagged versions hold its rows). Holds the ingest lease
+    (`lease`: one the caller holds, e.g. the nightly's): readers that opened the catalog
+    more than `older_than` ago fail afterwards."""
     if older_than < timedelta(0):
         raise ValueError(f"older_than must be >= 0, got {older_than}")
     started = time.time()
     store = _index_store(index_uri, endpoint_url)
     report = CleanupReport(index_uri, older_than.total_seconds())
-    with Lease(store, default_owner(), uuid.uuid4().hex) as lease:
+    with nullcontext(lease) if lease is not None else Lease(store, default_owner(), uuid.uuid4().hex) as lease:
         catalog = Catalog(index_uri, endpoint_url=endpoint_url)
         report.finished = finish_interrupted(catalog, store, lease)
         erasures = _erasures(catalog, "erased")
         todo = [r for r in erasures if not r["counts"].get("rewritten_at")]
         if todo:
             report.rewritten = catalog.purge_deleted(store)
+            report.tags_dropped += catalog.drop_tags()
             at = datetime.now(timezone.utc).isoformat()
             for run in todo:
                 run["counts"] = {**run["counts"], "rewritten_at": at}
@@ -399,6 +405,7 @@ def cleanup_index(index_uri: str, older_than: timedelta, endpoint_url: str | Non
         lease.ensure_held()
         report.stale_uploads = store.remove_stale_uploads(older_than.total_seconds())
         cutoff = datetime.now(timezone.utc) - older_than  # Lance deletes versions older than its own, later, cutoff
+        report.tags_dropped += catalog.drop_tags(older_than)
         report.versions = catalog.cleanup_versions(older_than)
         for run in erasures:
             if datetime.fromisoformat(run["counts"]["rewritten_at"]) <= cutoff:

@@ -18,6 +18,10 @@ What the driver does, in order:
   prune    (--prune) remove indexed videos whose content is gone from the source, unless
            the source listed nothing, a listed file could not be read, or more than
            `max_prune` of the index's videos would go: then it is refused, nothing deleted.
+           With a retention (the nightly's) they are `removed` first, rows and objects
+           kept, and deleted by the first prune after the retention.
+  budget   videos ready under another model (a model change) are re-encoded at most
+           `reindex_budget` a run, newest first; questions read the others' old cache.
   lease    one run per index at a time (pipeline/lease.py): a second run is refused
            (LeaseHeld); a crashed run's lease expires and the next run takes over.
   report   counts, failures with their class, durations and bytes (pipeline/report.py),
@@ -32,6 +36,7 @@ import time
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import ray
@@ -75,6 +80,8 @@ class IngestConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # in-run retries of transient faults
     prune: bool = False  # remove indexed videos whose content is gone from the source folder/prefix
     max_prune: float = 0.1  # refuse a prune that would remove more than this share of the index's videos
+    prune_retention: float = 0.0  # seconds a pruned video stays `removed` (objects kept) before it is deleted
+    reindex_budget: int | None = None  # videos ready under another model re-encoded by this run (None: all)
     dry_run: bool = False  # say what a run would add, re-index and remove; change nothing
     lease_ttl: float = 120.0  # seconds a crashed run's lease keeps the index before the next run takes over
     trust_remote_code: bool = False  # run the checkpoint's own code: only from the user's --trust-remote-code
@@ -85,6 +92,9 @@ class IngestConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0.0 <= self.max_prune <= 1.0:
             raise ValueError(f"max_prune is a share of the index's videos, 0..1, got {self.max_prune}")
+        if self.prune_retention < 0 or (self.reindex_budget is not None and self.reindex_budget < 0):
+            raise ValueError(f"prune_retention and reindex_budget must be >= 0, got {self.prune_retention}, "
+                             f"{self.reindex_budget}")
 
     def prune_prefix(self) -> str:
         """URI prefix whose catalog videos a prune may remove: the listed folder/prefix."""
@@ -96,24 +106,26 @@ class IngestConfig:
         return os.path.join(local_path(self.source), "")
 
 
-def ingest(cfg: IngestConfig) -> RunReport:
+def ingest(cfg: IngestConfig, lease: Lease | None = None) -> RunReport:
     """Index every new or changed video of `cfg.source` into `cfg.index`; returns the report.
-    Raises PruneRefused (nothing done) when --prune meets a source that lists nothing."""
+    Raises PruneRefused (nothing done) when --prune meets a source that lists nothing.
+    `lease`: one the caller holds on the index (a nightly run over several sources);
+    by default the run takes its own."""
     started = time.time()
     prune_prefix = cfg.prune_prefix() if cfg.prune else None  # bad arguments and sources: fail first
     sources = list_sources(cfg.source, glob=cfg.glob, endpoint_url=cfg.endpoint_url)
     if cfg.prune and not sources:
         raise PruneRefused(f"{cfg.source}: lists no videos; refusing to prune the whole index "
                            "(an unmounted share or a wrong prefix?)")
-    own_ray = _connect_ray(cfg) if cfg.address else False  # a local Ray starts only if there is work
-    selection, lease = None, None
+    own_ray = connect_ray(cfg) if cfg.address else False  # a local Ray starts only if there is work
+    selection, own_lease = None, None
     try:
         if ray.is_initialized():  # joined here or by the caller: local paths must be shared by its nodes
             check_shared_paths(cfg.source, cfg.index, videos=sources)
-        model_fp, image_size = _model_identity(cfg)
+        model_fp, revision, image_size = _model_identity(cfg)
         store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
-        if not cfg.dry_run:  # one run per index: before the catalog is opened (opening may migrate it)
-            lease = Lease(store, default_owner(), uuid.uuid4().hex, ttl=cfg.lease_ttl)
+        if not cfg.dry_run and lease is None:  # one run per index: before the catalog is opened (it may migrate)
+            lease = own_lease = Lease(store, default_owner(), uuid.uuid4().hex, ttl=cfg.lease_ttl)
             lease.acquire()
             lease.keep_alive()
         catalog = Catalog(cfg.index, endpoint_url=cfg.endpoint_url)
@@ -124,11 +136,12 @@ def ingest(cfg: IngestConfig) -> RunReport:
             report.would = _dry_run(selection, catalog, sources, prune_prefix)
             report.status, report.seconds = "done", time.time() - started
             return report
-        report.run_id = catalog.start_run(cfg.source, model_fp, run_id=lease.run_id)
+        catalog.register_model(model_fp, cfg.model, revision, asdict(cfg.index_cfg))
+        report.run_id = catalog.start_run(cfg.source, model_fp, run_id=lease.run_id if own_lease else None)
         try:
             if selection.todo:
                 report.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
-                own_ray = _connect_ray(cfg) or own_ray
+                own_ray = connect_ray(cfg) or own_ray
                 _run_pipeline(cfg, selection, catalog, model_fp, image_size, report, {s.uri for s in sources},
                               lease.ensure_held)
             if prune_prefix is not None:
@@ -144,8 +157,8 @@ def ingest(cfg: IngestConfig) -> RunReport:
                 catalog.finish_run(report.run_id, asdict(report), status=report.status)
             store.put(f"runs/{report.run_id}.json", report.to_json().encode())
     finally:
-        if lease is not None:
-            lease.release()
+        if own_lease is not None:
+            own_lease.release()
         if selection is not None and ray.is_initialized() and any(t.src.is_s3 for t in selection.todo):
             clear_source_caches(report.run_id)  # node-local copies of S3 sources, also those of killed workers
         if own_ray:
@@ -172,8 +185,12 @@ def _select(cfg: IngestConfig, sources: list[SourceVideo], catalog: Catalog, mod
     skip = {vid for vid, r in rows.items() if r.status == "failed" and not cfg.retry_failed
             and (r.error_class == PERMANENT or r.attempts >= cfg.max_attempts)}
     indexed = {vid: r.uri for vid, r in rows.items() if r.status == "ready"}
+    elsewhere = {}  # content id -> when it was last made ready under another model (a migration)
+    for r in catalog.list_videos(status="ready"):
+        if r.model_fp != model_fp:
+            elsewhere[r.video_id] = max(elsewhere.get(r.video_id, r.updated_at), r.updated_at)
     seen: set[str] = set()
-    todo = []
+    todo, migrations = [], []
     for src in sources:
         vid = identity.get(src.uri)
         if vid is None:  # new or changed: the plan stage reads and names it
@@ -188,7 +205,12 @@ def _select(cfg: IngestConfig, sources: list[SourceVideo], catalog: Catalog, mod
             continue
         row = rows.get(vid)
         done = sorted(catalog.written_windows(vid, model_fp)) if row is not None else []  # a killed run's
-        todo.append(Todo(src, vid, done, row))
+        (migrations if vid in elsewhere else todo).append(Todo(src, vid, done, row))
+    # newest first: those a killed run began, then by when they were indexed under the old model
+    migrations.sort(key=lambda t: (bool(t.done), elsewhere[t.video_id]), reverse=True)
+    budget = len(migrations) if cfg.reindex_budget is None else cfg.reindex_budget
+    todo += migrations[:budget]
+    report.reindexed, report.deferred = min(budget, len(migrations)), max(0, len(migrations) - budget)
     report.new = len(todo)
     return _Selection(todo, identity, indexed, skip)
 
@@ -210,7 +232,7 @@ def _prune_candidates(catalog: Catalog, present: set[str], prefix: str) -> list[
     """Index videos (one row per content id) under `prefix` whose content is not at the source."""
     gone: dict[str, VideoRow] = {}
     for row in catalog.list_videos():
-        if row.video_id not in present and row.uri.startswith(prefix):
+        if row.video_id not in present and row.uri.startswith(prefix) and row.status != "removed":
             gone.setdefault(row.video_id, row)
     return list(gone.values())
 
@@ -222,8 +244,8 @@ def _prune(cfg: IngestConfig, catalog: Catalog, store, sources: list[SourceVideo
     unnamed = [s.uri for s in sources if s.uri not in selection.identity]
     present = set(selection.identity.values())
     gone = _prune_candidates(catalog, present, prefix)
-    total = len({r.video_id for r in catalog.list_videos()})
-    report.prune = {"candidates": len(gone), "removed": 0, "index_videos": total}
+    total = len({r.video_id for r in catalog.list_videos() if r.status != "removed"})
+    report.prune = {"candidates": len(gone), "removed": 0, "index_videos": total, "deleted": 0}
     if unnamed:
         report.prune["refused"] = (f"{len(unnamed)} listed files could not be read, e.g. {unnamed[0]}: "
                                    "the source view is partial")
@@ -231,8 +253,16 @@ def _prune(cfg: IngestConfig, catalog: Catalog, store, sources: list[SourceVideo
         report.prune["refused"] = (f"would remove {len(gone)} of {total} videos ({len(gone) / total:.0%}), more "
                                    f"than --max-prune {cfg.max_prune:.0%}")
     if gone and "refused" not in report.prune:
-        catalog.remove_videos([r.video_id for r in gone], store)
+        if cfg.prune_retention:
+            catalog.mark_removed([r.video_id for r in gone])
+        else:
+            catalog.remove_videos([r.video_id for r in gone], store)
+            report.prune["deleted"] = len(gone)
         report.removed = report.prune["removed"] = len(gone)
+    expired = catalog.removed_before(timedelta(seconds=cfg.prune_retention))  # removed, retention over
+    if expired:
+        catalog.remove_videos(expired, store)
+        report.prune["deleted"] += len(expired)
 
 
 def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, model_fp: str,
@@ -253,15 +283,15 @@ def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, mo
     report.pipeline_seconds = time.time() - pipeline_start
 
 
-def _identity(model: str, index_cfg: IndexConfig, trust_remote_code: bool) -> tuple[str, tuple[int, int]]:
+def _identity(model: str, index_cfg: IndexConfig, trust_remote_code: bool) -> tuple[str, str, tuple[int, int]]:
     from model.encoder import WindowEncoder
 
     encoder = WindowEncoder(model, index_cfg, trust_remote_code=trust_remote_code)
-    return encoder.fingerprint, tuple(encoder.image_size)
+    return encoder.fingerprint, encoder.backbone.revision, tuple(encoder.image_size)
 
 
-def _model_identity(cfg: IngestConfig) -> tuple[str, tuple[int, int]]:
-    """(model_fp, frame size) as the encode actors will compute them. The dtype, hence the
+def _model_identity(cfg: IngestConfig) -> tuple[str, str, tuple[int, int]]:
+    """(model_fp, weights revision, frame size) as the encode actors will compute them. The dtype, hence the
     fingerprint, follows the device an actor gets: on a cluster with GPUs a task on a GPU
     answers; otherwise the driver does (a local Ray has this machine's devices)."""
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0):
@@ -269,7 +299,7 @@ def _model_identity(cfg: IngestConfig) -> tuple[str, tuple[int, int]]:
     return _identity(cfg.model, cfg.index_cfg, cfg.trust_remote_code)
 
 
-def _connect_ray(cfg: IngestConfig) -> bool:
+def connect_ray(cfg: IngestConfig) -> bool:
     """Join `cfg.address`, or start a local Ray; True when this call connected (ingest disconnects after)."""
     if ray.is_initialized():
         return False

@@ -35,6 +35,8 @@ class RunReport:
     duplicates: int = 0  # same content under another name: indexed once
     skipped: int = 0  # already ready, or failed for good, for this model
     new: int = 0  # videos this run worked on
+    reindexed: int = 0  # of which ready under another model before (a model migration)
+    deferred: int = 0  # ready under another model, left for a later run by the re-index budget
     ready: int = 0
     failed: int = 0
     windows_encoded: int = 0

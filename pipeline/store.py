@@ -327,7 +327,8 @@ def s3_client(endpoint_url: str | None = None):
         client = _clients.get(cache_key)
         if client is None:
             config = Config(retries={"mode": "adaptive", "total_max_attempts": 10},
-                            connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT)
+                            connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
+                            max_pool_connections=S3_MAX_CONNECTIONS)
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
             _clients[cache_key] = client
     return client
@@ -355,6 +356,7 @@ MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 BODY_ATTEMPTS = 3  # reads of a response body cut off mid-stream
 S3_CONNECT_TIMEOUT = 5.0  # seconds; botocore's default (60 s) would hold a task a minute per stalled attempt
 S3_READ_TIMEOUT = 10.0  # seconds per socket read (not per transfer): a stalled answer is retried
+S3_MAX_CONNECTIONS = 32  # botocore keeps 10; pipeline/query.py reads ranges with 16 threads
 
 
 def _cut_off(err: Exception) -> bool:

@@ -52,7 +52,7 @@ def window(v: VideoRow, index: int, store=None, seed: int = 0, lost=()) -> tuple
 
 def test_upserts_are_idempotent_and_visible_to_a_new_reader(index_uri):
     cat = Catalog(index_uri)
-    assert cat.summary()["videos"] == {"pending": 0, "ingesting": 0, "ready": 0, "failed": 0}
+    assert cat.summary()["videos"] == {"pending": 0, "ingesting": 0, "ready": 0, "failed": 0, "removed": 0}
     rows = [video(1), video(2)]
     cat.upsert_videos(rows)
     cat.upsert_videos(rows)  # a repeated run
@@ -168,7 +168,7 @@ def test_runs_summary_and_indexes(index_uri):
     cat.mark_failed(c.video_id, FP, "no video stream")
     cat.finish_run(run, counts={"ready": 2, "failed": 1})
     summary = Catalog(index_uri).summary()
-    assert summary["videos"] == {"pending": 0, "ingesting": 0, "ready": 2, "failed": 1}
+    assert summary["videos"] == {"pending": 0, "ingesting": 0, "ready": 2, "failed": 1, "removed": 0}
     assert (summary["frames"], summary["windows"], summary["cache_bytes"]) == (12, 3, 100 + 101 + 100)
     assert summary["last_run"]["run_id"] == run and summary["last_run"]["status"] == "done"
     assert summary["last_run"]["counts"] == {"failed": 1, "ready": 2} and summary["last_run"]["finished_at"]
@@ -460,8 +460,10 @@ def test_an_old_schema_index_is_migrated_in_place(tmp_path):
     _v1_index(tmp_path / "old")
     index = str(tmp_path / "old")
     cat = Catalog(index)
-    assert cat.schema_version == catalog_mod.SCHEMA_VERSION == 3
-    assert cat.meta.to_arrow().to_pylist() == [{"key": "schema_version", "value": "3"}]
+    assert cat.schema_version == catalog_mod.SCHEMA_VERSION == 4
+    assert cat.meta.to_arrow().to_pylist() == [{"key": "schema_version", "value": "4"}]
+    assert cat.models() == {}  # the model of older caches is the reader's to name
+    assert [v.video_id for v in cat.serving_videos()] == [vid(1)]
     assert cat.videos.schema == catalog_mod.VIDEOS_SCHEMA and cat.windows.schema == catalog_mod.WINDOWS_SCHEMA
     ready = cat.get_video(vid(1), FP)
     assert (ready.uri, ready.status, ready.frames_lost, ready.lost_times, ready.error_class) == \
@@ -477,7 +479,7 @@ def test_an_old_schema_index_is_migrated_in_place(tmp_path):
     cat.record_windows([window(video(2, frames=4), 0), window(video(1, frames=8), 1)])
     assert cat.mark_ready(vid(2), FP).status == "ready" and cat.windows.count_rows() == 3
     assert cat.mark_ready(vid(1), FP).cache_bytes == 100 + 101
-    versions = {name: getattr(cat, name).version for name in ("videos", "windows", "frames", "meta")}
+    versions = {name: getattr(cat, name).version for name in ("videos", "windows", "frames", "meta", "_models")}
     again = Catalog(index)  # migrated once: opening again writes nothing
     assert {name: getattr(again, name).version for name in versions} == versions
 
@@ -487,8 +489,8 @@ def test_an_index_of_a_newer_or_foreign_schema_is_refused(tmp_path):
     import pyarrow as pa
 
     newer = tmp_path / "newer"
-    Catalog(str(newer)).meta.update(where="key = 'schema_version'", values={"value": "4"})
-    with pytest.raises(CatalogError, match=r"newer/catalog: schema version 4, newer than this framekv's 3"):
+    Catalog(str(newer)).meta.update(where="key = 'schema_version'", values={"value": "5"})
+    with pytest.raises(CatalogError, match=r"newer/catalog: schema version 5, newer than this framekv's 4"):
         Catalog(str(newer))
     foreign = tmp_path / "foreign"
     lancedb.connect(str(foreign / "catalog")).create_table(
@@ -496,3 +498,24 @@ def test_an_index_of_a_newer_or_foreign_schema_is_refused(tmp_path):
     with pytest.raises(CatalogError, match=r"foreign/catalog: .*table windows does not have framekv's columns "
                                            r"\(index is string, expected int32"):
         Catalog(str(foreign))
+
+
+def test_questions_read_each_video_under_its_newest_registered_model(tmp_path):
+    """A model migration half done: every video stays answerable, under the new model
+    where it has it ready and the old one elsewhere; a run of the old model (a rollback)
+    puts it first again."""
+    cat = Catalog(str(tmp_path / "idx"))
+    old, new = "a" * 16, "b" * 16
+    cat.register_model(old, "tiny", "r1", {"window": 64})
+    cat.register_model(new, "tiny-nolpcomp", "r2", {"window": 64})
+    assert set(cat.models()) == {old, new} and cat.models()[new].model == "tiny-nolpcomp"
+    rows = [VideoRow(vid(i), fp, f"/a/v{i}.mp4", 10, "e", status=status)
+            for i, fp, status in ((1, old, "ready"), (1, new, "ready"), (2, old, "ready"), (2, new, "ingesting"),
+                                  (3, new, "ready"), (4, old, "failed"))]
+    cat.upsert_videos(rows)
+    assert [(v.video_id, v.model_fp) for v in cat.serving_videos()] == [(vid(1), new), (vid(2), old), (vid(3), new)]
+    cat.register_model(old, "tiny", "r1", {"window": 64})  # a rollback: the old model runs again
+    assert cat.models()[old].used_at > cat.models()[new].used_at and len(cat.models()) == 2
+    assert [(v.video_id, v.model_fp) for v in cat.serving_videos()] == [(vid(1), old), (vid(2), old), (vid(3), new)]
+    cat.forget_model(old)
+    assert list(cat.models()) == [new]

@@ -10,7 +10,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.ingest import parse
-from jobs.query import readers_for
+from pipeline.query import readers_for
 from jobs.sample_archive import write_sample_archive
 from model.ask import ask
 from model.backbone import load_backbone

@@ -13,7 +13,7 @@ KubeRay would refuse, or that names a flag framekv does not have, fails here fir
   container, S3 credentials, the job limits, one cluster spec in all four places.
 - Every `python -m MODULE` named in infra/ exists and each --flag given to it is in
   `python -m MODULE --help`; every rayStartParams key is a `ray start` option; the
-  nightly config's values pass `framekv ingest`'s own parser.
+  nightly config passes the validation `python -m jobs.nightly` runs.
 - The Dockerfile against the Makefile (torch pin, extras) and pyproject.toml; one image
   tag, pyproject's version, everywhere.
 - The CronJob's shell script run against a stand-in kubectl (and real jq), and, marked
@@ -51,7 +51,6 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from referencing import Registry, Resource
 
-from jobs.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -432,19 +431,12 @@ def infra_commands() -> dict[str, set[str]]:
 COMMANDS = infra_commands()
 
 
-def _module_param(module: str):
-    missing = module == "jobs.nightly" and importlib.util.find_spec(module) is None
-    mark = pytest.mark.xfail(missing, strict=True, reason="jobs.nightly, which the RayCronJob and the CronJob "
-                                                          "run each night, is not written yet")
-    return pytest.param(module, marks=mark, id=module)
-
-
 def test_infra_names_the_entry_points_it_runs():
     assert {"jobs.ingest", "jobs.nightly"} <= COMMANDS.keys()
     assert {"--index", "--address", "--prune", "--max-prune", "--json"} <= COMMANDS["jobs.ingest"]
 
 
-@pytest.mark.parametrize("module", [_module_param(m) for m in sorted(COMMANDS)])
+@pytest.mark.parametrize("module", sorted(COMMANDS))
 def test_entry_point_exists_and_takes_its_flags(module):
     assert importlib.util.find_spec(module) is not None, f"python -m {module}: no such module"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -462,30 +454,18 @@ def test_ray_start_params_are_ray_start_options():
     assert keys and {k for k in keys if not re.search(rf"(?<![\w-])--{k}(?![\w-])", help_text)} == set()
 
 
-NIGHTLY_KEYS = {"sources": None, "index": None, "model": None, "sampling": {"fps", "max_frames"}, "window": None,
-                "quant": None, "prune": {"enabled", "max_prune", "retention_days"},
-                "failures": {"max_failed", "max_attempts"}, "reindex_budget": {"videos_per_night"}}
+def test_nightly_config_validates_as_jobs_nightly_reads_it(tmp_path):
+    """The ConfigMap's YAML passes the validation `python -m jobs.nightly` runs first, and
+    means what its comments say (`framekv ingest`'s settings of the same names)."""
+    from pipeline.nightly import NightlyConfig
 
-
-def test_nightly_config_keys_and_values():
-    """The keys jobs.nightly reads; the values `framekv ingest`'s own parser accepts."""
-    config = yaml.safe_load(one("ConfigMap", "framekv-nightly-config")["data"]["nightly.yaml"])
-    assert config.keys() == NIGHTLY_KEYS.keys()
-    for key, sub in NIGHTLY_KEYS.items():
-        assert sub is None or config[key].keys() == sub, key
-    assert config["sources"] and all(isinstance(s, str) for s in config["sources"])
-    sampling, prune, failures = config["sampling"], config["prune"], config["failures"]
-    argv = ["ingest", config["sources"][0], "--index", config["index"], "--model", config["model"],
-            "--fps", str(sampling["fps"]), "--window", str(config["window"]), "--quant", config["quant"],
-            "--max-prune", str(prune["max_prune"]), "--max-failed", str(failures["max_failed"]),
-            "--max-attempts", str(failures["max_attempts"])]
-    argv += ["--max-frames", str(sampling["max_frames"])] if sampling["max_frames"] is not None else []
-    argv += ["--prune"] if prune["enabled"] else []
-    args = build_parser().parse_args(argv)  # argparse exits (SystemExit) on a bad value
-    assert (args.fps, args.window, args.max_prune) == (sampling["fps"], config["window"], prune["max_prune"])
-    assert isinstance(prune["enabled"], bool)
-    for value in (prune["retention_days"], config["reindex_budget"]["videos_per_night"]):
-        assert isinstance(value, int) and value >= 0
+    path = tmp_path / "nightly.yaml"
+    path.write_text(one("ConfigMap", "framekv-nightly-config")["data"]["nightly.yaml"])
+    cfg = NightlyConfig.load(path)
+    ingest = cfg.ingest_config(cfg.sources[0], cfg.reindex_budget.videos_per_night)
+    assert (ingest.prune, ingest.max_prune, ingest.max_attempts) == (True, 0.1, 3)
+    assert ingest.prune_retention == 7 * 86400 and ingest.reindex_budget == 500
+    assert (ingest.index_cfg.window, ingest.index_cfg.sampling.fps) == (64, 1.0)
 
 
 # ---- 4. the Dockerfile against the Makefile and pyproject.toml --------------------------

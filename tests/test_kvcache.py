@@ -118,7 +118,7 @@ def test_reader_with_size_prefetches_header_in_one_read(monkeypatch):
     blob = write(kv, emb, times, quant="int8")
     spans = tensor_spans(blob)
     prefetch = min(e for _, e in spans.values()) + 10  # header, first tensor, a bit more
-    monkeypatch.setattr(kvcache, "_HEADER_PREFETCH", prefetch)
+    monkeypatch.setattr(kvcache, "prefetch_bytes", lambda size: prefetch)
     rr = CountingRange(blob)
     reader = WindowReader(rr, NAME, size=len(blob), header_sha256=header_digest(blob))
     assert rr.calls == [(0, prefetch)]
@@ -127,8 +127,8 @@ def test_reader_with_size_prefetches_header_in_one_read(monkeypatch):
     assert inside  # tensors the header read already fetched cost no further read
     reader._tensors(inside)
     assert len(rr.calls) == 1
-    reader._tensors([outside])
-    assert rr.calls[-1] == spans[outside]
+    reader._tensors([outside])  # begins inside the first read: only the rest is fetched
+    assert spans[outside][0] < prefetch and rr.calls[-1] == (prefetch, spans[outside][1])
     assert reader.bytes_read == sum(e - s for s, e in rr.calls) < len(blob)
     keys, _ = reader.window_kv()
     assert torch.equal(reader.score_keys(FAST[1]), keys[FAST[1]])
@@ -152,7 +152,7 @@ def test_reader_over_a_local_store(tmp_path):
 
 
 def test_header_longer_than_the_prefetch_takes_a_second_read(monkeypatch):
-    monkeypatch.setattr(kvcache, "_HEADER_PREFETCH", 64)
+    monkeypatch.setattr(kvcache, "prefetch_bytes", lambda size: 64)
     kv, emb, times = make_window()
     blob = write(kv, emb, times)
     rr = CountingRange(blob)
@@ -241,8 +241,30 @@ def test_unknown_format_version_is_refused(monkeypatch):
     monkeypatch.setattr(kvcache, "FORMAT_VERSION", 999)
     blob = write(kv, emb, times)
     monkeypatch.undo()
-    with pytest.raises(CacheError, match=f"{NAME}: format_version 999 is not supported"):
+    with pytest.raises(CacheError, match=f"{NAME}: format_version 999 is not supported .*newer framekv"):
         reader_from_bytes(blob, NAME)
+
+
+def test_older_format_versions_are_refused_saying_how_to_re_index():
+    """A version 3 object (safetensors' own writer: tensors by dtype, then by name, so a
+    frame's int8 K/V and its float32 scales lie apart) is refused, naming the version and
+    the way out, whether its bytes are in hand or range-read with its digest."""
+    from safetensors.torch import save
+
+    kv, emb, times = make_window()
+    blob = write(kv, emb, times, quant="int8")
+    current = reader_from_bytes(blob, NAME)
+    _, _, meta = header_of(blob)
+    meta["format_version"] = 3
+    old = save(current._tensors(sorted(current._entries)), metadata={"framekv": json.dumps(meta, sort_keys=True)})
+    spans = tensor_spans(old)
+    assert spans["frame.1"][1] != spans["frame.1.scale"][0] and spans["frame.1.scale"][1] != spans["frame.1"][0]
+    message = (rf"{NAME}: format_version 3 is not supported \(this build reads {kvcache.FORMAT_VERSION}\): it was "
+               rf"written by an older framekv; re-index the video with `framekv ingest`")
+    with pytest.raises(CacheError, match=message):
+        reader_from_bytes(old, NAME)
+    with pytest.raises(CacheError, match=message):
+        range_reader(old, header_digest(old))
 
 
 def test_truncated_object_is_a_clear_error():
@@ -260,10 +282,9 @@ def test_truncated_object_is_a_clear_error():
     cut = blob[: len(blob) - 10]
     reader = WindowReader(lambda s, e: cut[s:e], NAME, header_sha256=None)
     spans = tensor_spans(blob)
-    last = max(spans, key=lambda t: spans[t][1])
-    assert last.startswith("score.k")  # same dtype as frames, sorted last by name
+    assert max(spans, key=lambda t: spans[t][1]) == "emb"  # the last tensor in the file
     with pytest.raises(CacheError, match=f"{NAME}: truncated object"):
-        reader.score_keys(int(last.removeprefix("score.k")))
+        reader.embeddings()
 
 
 def test_bad_header_and_foreign_objects_are_clear_errors():
@@ -367,7 +388,8 @@ def test_untampered_object_reads_the_same_with_its_digest():
     np.testing.assert_array_equal(a.times, TIMES)
     for x, y in zip(a.window_kv(), b.window_kv()):
         assert all(torch.equal(p, q) for p, q in zip(x, y))
-    assert torch.equal(a.score_keys(FAST[0]), b.score_keys(FAST[0])) and torch.equal(a.embeddings(), emb)
+    assert torch.equal(a.score_keys(FAST[0]), b.score_keys(FAST[0]))
+    assert torch.equal(a.embeddings(), emb) and torch.equal(b.embeddings(), emb)
     assert checked.calls == unchecked.calls  # the digest costs no read
     assert a.corrupt_tensors() == []
 
@@ -378,7 +400,7 @@ HEADER_EDITS = {
     "timestamp 2.5 -> 2.75 s": (lambda m: m["times"].__setitem__(1, 2.75), None, True),
     "frame order": (lambda m: m.__setitem__("times", [0.5, 4.5, 2.5, 6.5, 8.5, 10.5]), None, False),
     "revision": (lambda m: m.__setitem__("revision", "rev124"), None, True),
-    "format version": (lambda m: m.__setitem__("format_version", 4), None, False),
+    "format version": (lambda m: m.__setitem__("format_version", kvcache.FORMAT_VERSION - 1), None, False),
     "model fingerprint": (lambda m: m.__setitem__("model_fp", "fp124"), None, True),
     "duration": (lambda m: m.__setitem__("duration", 60.0), None, True),
     "a tensor digest": (lambda m: m["sha256"].__setitem__("emb", "0" * 64), None, True),
@@ -512,3 +534,108 @@ def test_writer_refuses_layers_with_more_tokens_than_n0():
                [torch.cat([kv.values[0], kv.values[0][:, :1]], 1)] + kv.values[1:])
     with pytest.raises(ValueError, match=rf"tokens per layer \[{N0 + 1}, .*\] must lie in 1..n0 = {N0}"):
         write(wider, emb, TIMES)
+
+
+# ---- the file layout (format version 4): one range read per run of adjacent frames ----
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_objects_are_valid_safetensors_files(quant, tmp_path):
+    """safetensors' own loaders (bytes and a memory-mapped file) read every tensor, and
+    they are the ones written: K/V rows of each frame, score keys, embeddings."""
+    from safetensors.torch import load, safe_open
+
+    kv, emb, times = make_window(4)
+    blob = write(kv, emb, times, quant=quant)
+    assert blob == write(kv, emb, times, quant=quant)  # same window, same bytes
+    loaded = load(blob)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(blob)
+    with safe_open(str(path), "pt") as f:
+        assert set(f.keys()) == set(loaded) and json.loads(f.metadata()["framekv"])["quant"] == quant
+        for tname in loaded:
+            assert torch.equal(f.get_tensor(tname), loaded[tname]), tname
+    rows = [n for n in SCHEDULE for _ in (0, 1)]
+    for j in range(FRAMES):
+        parts = loaded[f"frame.{j}"].split(rows)
+        if quant == "int8":  # dequantised by hand from the loaded scales
+            vscale = loaded[f"frame.{j}.scale"].split(SCHEDULE)
+            keys = [k * loaded["kscale"][l] for l, k in enumerate(parts[0::2])]
+            values = [v * s[..., None] for v, s in zip(parts[1::2], vscale)]
+        else:
+            keys, values = parts[0::2], parts[1::2]
+        for l in range(len(SCHEDULE)):
+            if quant == "int8":
+                kscale = kv.keys[l].abs().amax(dim=(0, 1)) / 127
+                assert ((keys[l] - kv.keys[l][j]).abs() <= kscale / 2 * (1 + 1e-5) + 1e-7).all()
+            else:
+                assert torch.equal(keys[l], kv.keys[l][j]) and torch.equal(values[l], kv.values[l][j])
+    for l in FAST:
+        stored = loaded[f"score.k{l}"]
+        assert torch.equal(stored * loaded["kscale"][l] if quant == "int8" else stored,
+                           reader_from_bytes(blob, NAME).score_keys(l))
+    assert torch.equal(loaded["emb"], emb)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_frames_lie_in_time_order_each_with_its_scales(quant):
+    kv, emb, times = make_window()
+    blob = write(kv, emb, times, quant=quant)
+    spans = tensor_spans(blob)
+    order = sorted(spans, key=lambda t: spans[t][0])
+    per_frame = [[f"frame.{j}.scale", f"frame.{j}"] if quant == "int8" else [f"frame.{j}"] for j in range(FRAMES)]
+    assert order == ["kscale"] * (quant == "int8") + [f"score.k{l}" for l in FAST] + sum(per_frame, []) + ["emb"]
+    assert all(spans[a][1] == spans[b][0] for a, b in zip(order, order[1:]))  # no gaps: back to back
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert (8 + n) % 8 == 0 and spans[order[0]][0] == 8 + n
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_run_of_adjacent_frames_is_one_range_read(quant, monkeypatch):
+    """Frames 2..5 (with their int8 scales): one read of exactly their bytes, where
+    version 3 needed 4 (9 with int8). The first read stops right after the header (and
+    kscale, which follows it), so every frame byte must come by a range read."""
+    kv, emb, times = make_window(5)
+    blob = write(kv, emb, times, quant=quant)
+    (n,) = struct.unpack("<Q", blob[:8])
+    head = tensor_span(blob, "kscale")[1] if quant == "int8" else 8 + n
+    monkeypatch.setattr(kvcache, "prefetch_bytes", lambda size: head)
+    rr = CountingRange(blob)
+    reader = WindowReader(rr, NAME, size=len(blob), header_sha256=header_digest(blob))
+    assert rr.calls == [(0, head)]
+    keys, values = reader.window_kv([2, 3, 4, 5])
+    first = tensor_span(blob, "frame.2.scale" if quant == "int8" else "frame.2")
+    assert rr.calls[1:] == [(first[0], tensor_span(blob, "frame.5")[1])]
+    ref = reader_from_bytes(blob, NAME).window_kv()
+    for l in range(len(SCHEDULE)):
+        assert torch.equal(keys[l], ref[0][l][2:6]) and torch.equal(values[l], ref[1][l][2:6])
+    for frames in ([0, 1], [4, 5], [1, 2, 3]):
+        calls = len(rr.calls)
+        reader.window_kv(frames)
+        assert len(rr.calls) <= calls + 1
+    calls = len(rr.calls)
+    reader.score_keys_for(FAST)  # all score keys (and kscale, already here): at most one read
+    assert len(rr.calls) <= calls + 1
+
+
+def test_an_int8_64_frame_header_of_the_1_5b_shape_is_one_read():
+    """The int8 header of a 64-frame window of the Qwen2.5-1.5B shape (28 layers, 2 kv
+    heads x 128, n0 = 16, D = 1536, bf16) is longer than 16 KiB, which used to cost a
+    second read; the first read now covers it and the kscale behind it."""
+    from model.config import default_fast_layers, default_score_layers
+
+    sched, frames = lp_schedule(28, 16), 64
+    g = torch.Generator().manual_seed(0)
+    kv = KV([torch.randn(frames, n, 2, 128, generator=g) for n in sched],
+            [torch.randn(frames, n, 2, 128, generator=g) for n in sched])
+    blob = write_window(kv, torch.randn(frames, 16, 1536, generator=g), np.arange(frames) + 0.5, 64.0,
+                        model_fp="fp123", revision="rev123", fast_layers=default_fast_layers(default_score_layers(28)),
+                        quant="int8", dtype=torch.bfloat16)
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert 8 + n > 16 * 1024
+    rr = CountingRange(blob)
+    reader = WindowReader(rr, NAME, size=len(blob), header_sha256=header_digest(blob))
+    assert len(rr.calls) == 1 and rr.calls[0][1] >= tensor_span(blob, "kscale")[1]
+    assert rr.calls[0][1] <= 128 * 1024 < len(blob) // 64  # a small fraction of the object
+    reader.window_kv([2, 3, 4, 5])
+    assert len(rr.calls) == 2

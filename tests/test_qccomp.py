@@ -21,7 +21,7 @@ from model.decoder import rotate
 from model.encoder import WindowEncoder, WindowInput
 from model.kvcache import CacheError, reader_from_bytes, write_window
 from model.lpcomp import WindowKV
-from model.qccomp import QuestionContext, question_queries, score_frames
+from model.qccomp import Prefix, QuestionContext, question_queries, score_frames
 from tests.llava_tiny import save_tiny_llava
 from tests.test_lpcomp import eager_attention, naive_reference
 from tests.tolerance import assert_close_scaled
@@ -267,3 +267,38 @@ def test_bad_inputs_are_named(llava_dir):
     with pytest.raises(CacheError, match="w000000.*written by another model"):
         score_frames(other.backbone, readers, QUESTION["tiny"], "exact")
     assert QuestionContext.build(bb, QUESTION["tiny"]).user_rows.tolist() == list(range(1, 7))
+
+
+@torch.no_grad()
+def test_prefix_kv_is_computed_once_per_model_and_equals_recomputation(llava_dir):
+    """Questions reuse the model's prefix K/V: the same tensors every time, bit-identical
+    to computing them afresh, and so are the scores and answers; a weight changed in
+    place (as an optimizer step does) or replaced makes it recompute."""
+    from model.ask import ask
+    from model.generate import GenerateConfig
+
+    enc = make_encoder("tiny", ON, window=4, llava_dir=llava_dir)
+    bb = copy.deepcopy(enc.backbone)  # its weights are edited below
+    readers = encode_video(enc, 8, seed=14)
+    first = QuestionContext.build(bb, QUESTION["tiny"])
+    again = QuestionContext.build(bb, "which shape is red ?")
+    assert all(a.keys is b.keys and a.values is b.values for a, b in zip(first.prefix_past, again.prefix_past))
+    fresh = Prefix.compute(bb)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.valid, b.valid)
+               for a, b in zip(first.prefix_past, fresh.past))
+    cfg = GenerateConfig(max_new_tokens=4)
+    for mode in ("fast", "exact"):
+        reused = ask(bb, readers, first, k=3, score_mode=mode, generation=cfg)
+        recomputed = ask(bb, readers, QuestionContext.build(bb, QUESTION["tiny"], prefix=Prefix.compute(bb)), k=3,
+                         score_mode=mode, generation=cfg)
+        assert np.array_equal(reused.scores, recomputed.scores) and reused.token_ids == recomputed.token_ids
+
+    weight = bb.decoder.layers[0].self_attn.k_proj.weight
+    weight.mul_(1.5)  # in place
+    changed = QuestionContext.build(bb, QUESTION["tiny"]).prefix_past
+    assert not torch.equal(changed[0].keys, first.prefix_past[0].keys)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(changed, Prefix.compute(bb).past))
+    weight.data = weight.data / 1.5  # replaced
+    replaced = QuestionContext.build(bb, QUESTION["tiny"]).prefix_past
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(replaced, Prefix.compute(bb).past))
+    assert not torch.equal(replaced[0].keys, changed[0].keys)

@@ -91,8 +91,9 @@ def test_multi_node_gpu_placement_and_node_loss(tmp_path):
 
 
 def test_ray_job_submit_to_a_local_head(tmp_path):
-    """`ray start --head` on loopback, `ray job submit -- python -m jobs.ingest ...`; the
-    catalog the job wrote is then read from this (another) process."""
+    """`ray start --head` on loopback, `ray job submit -- python -m jobs.ingest ...`, then
+    `python -m jobs.nightly CONFIG` the same way; the catalog the jobs wrote is then read
+    from this (another) process."""
     src = archive(tmp_path / "src", videos=2)
     index = tmp_path / "index"
     port, dashboard = _free_port(), _free_port()
@@ -118,21 +119,15 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
                 time.sleep(1)
-        for _ in range(30):  # the head's job agent may start after its HTTP server answers
-            job = subprocess.run(
-                [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
-                 "--runtime-env-json", '{"excludes": [".venv", ".git", "demo-index", "demo-archive", '
-                                       '"bench/scratch"], "env_vars": {"HF_HUB_OFFLINE": "1"}}',
-                 "--", sys.executable, "-m", "jobs.ingest", str(src), "--index", str(index),
-                 "--window", "4", "--address", "auto", "--max-failed", "1", "--no-progress"],
-                env=env, capture_output=True, text=True, timeout=900,
-            )
-            if "No available agent to submit job" not in job.stderr + job.stdout:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "succeeded" in job.stdout, job.stdout[-3000:]
+        job = submit(address, env, "jobs.ingest", str(src), "--index", str(index), "--window", "4",
+                     "--address", "auto", "--max-failed", "1", "--no-progress")
         assert "2 ready, 1 failed" in job.stdout
+        # the nightly entry point, as a RayCronJob runs it: joins the job's cluster by itself
+        make_video(src / "v2.mp4", seconds=10, fps=5, size=(48, 64), gop=10)  # a new video for the night
+        config = tmp_path / "nightly.yaml"
+        config.write_text(f"sources: [{src}]\nindex: {index}\nwindow: 4\nprune: {{enabled: true, max_prune: 0.5}}\n")
+        job = submit(address, env, "jobs.nightly", str(config), "--no-progress")
+        assert "1 ready, 0 failed" in job.stdout and "1 sources" in job.stdout
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -141,7 +136,28 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
-    catalog = Catalog(str(index))  # another process than the job's driver
+    catalog = Catalog(str(index))  # another process than the job's drivers
     rows = {Path(v.uri).name: v for v in catalog.list_videos()}
-    assert {n: v.status for n, v in rows.items()} == {"v0.mp4": "ready", "v1.mp4": "ready", "broken.mp4": "failed"}
-    assert sum(len(catalog.window_rows(v.video_id, v.model_fp)) for v in rows.values()) == 3 + 4
+    assert {n: v.status for n, v in rows.items()} == {"v0.mp4": "ready", "v1.mp4": "ready", "v2.mp4": "ready",
+                                                     "broken.mp4": "failed"}
+    assert sum(len(catalog.window_rows(v.video_id, v.model_fp)) for v in rows.values()) == 3 + 4 + 3
+    assert {r["source"] for r in catalog.runs(2)} == {"framekv nightly", str(src)}  # the night and its ingest
+
+
+def submit(address: str, env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m MODULE ARGS`, retried while the head's job agent is not up."""
+    deadline = time.monotonic() + 300  # the head's job agent may start well after its HTTP server answers
+    while True:
+        job = subprocess.run(
+            [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", '{"excludes": [".venv", ".git", "demo-index", "demo-archive", '
+                                   '"bench/scratch"], "env_vars": {"HF_HUB_OFFLINE": "1"}}',
+             "--", sys.executable, "-m", module, *args],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+        if "No available agent to submit job" not in job.stderr + job.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout, job.stdout[-3000:]
+    return job

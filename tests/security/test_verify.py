@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pipeline.verify as verify
-from jobs.query import readers_for
+from pipeline.query import readers_for
 from model.kvcache import CacheError, header_digest, sha256_hex
 from pipeline.catalog import Catalog, FrameBatch, VideoRow, WindowRow
 from pipeline.store import StoreError, open_store, window_key

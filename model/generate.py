@@ -1,24 +1,28 @@
 """Answer a question over selected frames (docs/METHOD.md, 'Answering modes'), and the uncached reference.
 
     ctx = QuestionContext.build(backbone, question)                  # model/qccomp.py
-    gen = answer_cached(backbone, ctx, keys, values, DecodeConfig())  # frames' cached KV
+    gen = answer_cached(backbone, ctx, keys, values, GenerateConfig())  # frames' cached KV
     gen = answer_embeddings(backbone, ctx, embs, comp)                # reencode / full
     gen.text, gen.token_ids, gen.logits
 
 Modes:
 - `cached` (default): per layer l, the selected frames' cached pre-RoPE keys and values
-  [K, n(l), kvh, hd] (from any windows, in time order) are concatenated and the keys
-  rotated at contiguous positions after the prefix (P .. P + K*n(l) - 1), as LP-Comp
-  renumbers; the question is prefilled against them, then decoding continues with every
-  new token at position len(l) of its layer. No frame is re-encoded.
+  [K, n(l), kvh, hd] (from any windows, in time order) are written behind the prefix
+  into one preallocated cache, the keys rotated at contiguous positions after the prefix
+  (P .. P + K*n(l) - 1), as LP-Comp renumbers; the question is prefilled against them,
+  then generation continues with every new token at position len(l) of its layer. No
+  frame is re-encoded.
 - `reencode` (paper-exact): the LP-Comp forward over the selected frames' cached
-  embeddings jointly, question as suffix, then decoding.
+  embeddings jointly, question as suffix, then generation.
 - `full` (reference, no cache): the same forward over all frames' embeddings, as XComp
   runs without selection. `reencode` and `full` differ only in which frames they get.
 
-Per-layer positions make `model.generate` unsuitable; decoding is a short loop over
-`model.decoder.extend`, with transformers' logits processors for temperature / top-k /
-top-p sampling.
+Per-layer positions make `model.generate` unsuitable; generation is a short loop over
+`model.decoder.extend` with one `KVCache` per layer, allocated once for the prompt and
+every token to come: a token writes its own K/V in place and attention reads the cache
+without copying it or repeating kv heads (bench/generate.py measures both). Sampling
+uses transformers' logits processors (temperature / top-k / top-p). The answer ends at
+any of the model's end tokens (`end_token_ids`) or a stop string.
 """
 
 from __future__ import annotations
@@ -31,13 +35,13 @@ from torch import Tensor
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.config import CompressionConfig
-from model.decoder import LayerKV, extend
+from model.decoder import KVCache, LayerKV, extend, rotate
 from model.lpcomp import lp_forward
-from model.qccomp import QuestionContext, video_past
+from model.qccomp import QuestionContext
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class GenerateConfig:
     """How to turn logits into an answer. temperature 0 is greedy."""
 
     max_new_tokens: int = 16
@@ -79,7 +83,7 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: score, read, answer, total
 
 
-def _processors(cfg: DecodeConfig) -> LogitsProcessorList:
+def _processors(cfg: GenerateConfig) -> LogitsProcessorList:
     procs = LogitsProcessorList()
     if cfg.temperature > 0:
         procs.append(TemperatureLogitsWarper(cfg.temperature))
@@ -90,34 +94,54 @@ def _processors(cfg: DecodeConfig) -> LogitsProcessorList:
     return procs
 
 
-def decode(backbone, past: list[LayerKV], logits: Tensor, cfg: DecodeConfig) -> Generated:
+def end_token_ids(backbone) -> frozenset[int]:
+    """Every token id that ends an answer: the tokenizer's eos and each id the model's
+    generation config lists (its `eos_token_id` may be an int or a list; chat models list
+    several, e.g. <|im_end|> and <|endoftext|>). The tiny model has no generation config:
+    its tokenizer's <eos> ends its answers."""
+    ids = {backbone.tokenizer.eos_token_id}
+    for owner in (backbone, getattr(backbone, "vlm", None)):  # a transformers model keeps it
+        eos = getattr(getattr(owner, "generation_config", None), "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+def generate(backbone, past: list[LayerKV] | list[KVCache], logits: Tensor, cfg: GenerateConfig) -> Generated:
     """Generate from the logits [vocab] of the last prompt token; `past` is every
-    layer's cache (lengths may differ per layer), extended one token at a time."""
+    layer's cache (lengths may differ per layer). LayerKVs are copied once into KVCaches
+    with room for the answer (and left as they were); KVCaches given are written into."""
     tok = backbone.tokenizer
+    dec = backbone.decoder
+    caches = [p if isinstance(p, KVCache) else KVCache.of(p, extra=cfg.max_new_tokens - 1) for p in past]
+    ends = end_token_ids(backbone)
     procs = _processors(cfg)
     gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     ids: list[int] = []
     steps: list[Tensor] = []
-    text = ""
-    for _ in range(cfg.max_new_tokens):
+    text = None
+    for step in range(cfg.max_new_tokens):
         logits = logits.float()
         steps.append(logits)
-        scores = procs(torch.tensor([ids], dtype=torch.long, device=logits.device), logits[None])[0]
         if cfg.temperature > 0:
+            scores = procs(torch.tensor([ids], dtype=torch.long, device=logits.device), logits[None])[0]
             nxt = int(torch.multinomial(scores.softmax(-1), 1, generator=gen))
         else:
-            nxt = int(scores.argmax())
-        if nxt == tok.eos_token_id:
+            nxt = int(logits.argmax())
+        if nxt in ends:
             break
         ids.append(nxt)
-        text = tok.decode(ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+        if cfg.stop:
+            text = tok.decode(ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in cfg.stop if s in text), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                break
+        if step + 1 == cfg.max_new_tokens:  # no logits are wanted after the last token
             break
-        res = extend(backbone.decoder, backbone.embed_ids(torch.tensor([[nxt]])), past=past)
-        past = res.past
-        logits = backbone.lm_head(backbone.decoder.norm(res.hidden))[0, -1]
+        res = extend(dec, backbone.embed_ids(torch.tensor([[nxt]])), past=caches)
+        logits = backbone.lm_head(dec.norm(res.hidden))[0, -1]
+    if text is None:
+        text = tok.decode(ids, skip_special_tokens=True)
     return Generated(text.strip(), ids, torch.stack(steps))
 
 
@@ -127,24 +151,32 @@ def _prompt_logits(backbone, hidden: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def answer_cached(backbone, ctx: QuestionContext, keys: list[Tensor], values: list[Tensor],
-                  cfg: DecodeConfig = DecodeConfig()) -> Generated:
+                  cfg: GenerateConfig = GenerateConfig()) -> Generated:
     """Answer from cached KV: keys/values per layer [K, n(l), kvh, hd] (pre-RoPE keys),
     the selected frames in time order."""
     if len(keys) != backbone.num_layers or len(values) != backbone.num_layers:
         raise ValueError(f"need K/V for all {backbone.num_layers} layers, got {len(keys)} and {len(values)}")
-    past = [video_past(backbone, ctx.prefix_past[l], [keys[l]], [values[l]]) for l in range(backbone.num_layers)]
-    res = extend(backbone.decoder, ctx.question_embs[None], past=past)
-    return decode(backbone, res.past, _prompt_logits(backbone, res.hidden), cfg)
+    dec, p = backbone.decoder, ctx.prefix_len
+    extra = len(ctx.question_embs) + cfg.max_new_tokens - 1  # the question, then every token but the last
+    caches = []
+    for l in range(backbone.num_layers):  # [prefix | frames rotated at P .. P + K*n(l) - 1], as video_past
+        k = keys[l].flatten(0, 1)[None].to(backbone.device, backbone.dtype)
+        v = values[l].flatten(0, 1)[None].to(backbone.device, backbone.dtype)
+        cache = KVCache.of(ctx.prefix_past[l], extra=k.shape[1] + extra)
+        cache.append(rotate(dec, k, torch.arange(p, p + k.shape[1], device=k.device)[None]), v)
+        caches.append(cache)
+    res = extend(dec, ctx.question_embs[None], past=caches)
+    return generate(backbone, caches, _prompt_logits(backbone, res.hidden), cfg)
 
 
 @torch.inference_mode()
 def answer_embeddings(backbone, ctx: QuestionContext, embs: Tensor, comp: CompressionConfig,
-                      cfg: DecodeConfig = DecodeConfig()) -> Generated:
+                      cfg: GenerateConfig = GenerateConfig()) -> Generated:
     """`reencode` (selected frames' cached embeddings) and `full` (every frame, no cache):
-    LP-Comp forward over [prefix | frames [F, n0, D] | question], then decoding."""
+    LP-Comp forward over [prefix | frames [F, n0, D] | question], then generation."""
     if embs.dim() != 3 or embs.shape[0] < 1:
         raise ValueError(f"frame embeddings must be [F>=1, n0, D], got {tuple(embs.shape)}")
     embs = embs.to(backbone.device, backbone.dtype)
     out = lp_forward(backbone, embs[None], comp, suffix=ctx.question_embs[None])
-    return decode(backbone, out.past, out.logits[0, -1], cfg)
+    return generate(backbone, out.past, out.logits[0, -1], cfg)
 
