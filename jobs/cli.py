@@ -8,6 +8,7 @@
     framekv delete INDEX [VIDEO ...] [--where SQL] [--keep-uris] [--dry-run] [--json]
     framekv cleanup INDEX [--older-than 0s] [--json]
     framekv nightly CONFIG.yaml [--json]
+    framekv serve INDEX [--host 127.0.0.1] [--port 8000] [--token T] [--ray [--replicas 2]]
     framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
                 [--answer cached|reencode] [--json]
     framekv search INDEX QUERY [--top 10] [--where SQL] [--json]
@@ -33,6 +34,7 @@ import sys
 
 from jobs.erase import add_cleanup_parser, add_delete_parser
 from jobs.nightly import add_nightly_parser
+from jobs.serve import add_serve_parser
 from jobs.verify import add_verify_parser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -283,8 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_delete_parser(sub)
     add_cleanup_parser(sub)
     add_nightly_parser(sub)
-    from jobs.serve import add_serve_parser
-
     add_serve_parser(sub)
     return parser
 
