@@ -1,6 +1,6 @@
 """Worker faults on Ray during an ingest: an encode actor's process and a decode task's
-process SIGKILLed mid-window (local Ray), and a worker node replaced mid-run: a node added
-that picks up work, then the first worker removed (ray.cluster_utils.Cluster).
+process SIGKILLed mid-window, and a worker node replaced mid-run: a node added that picks
+up work, then the first worker removed (ray.cluster_utils.Cluster).
 
 What each test holds framekv to, against a reference ingest of the same archive into a
 fresh index without faults (encoding is deterministic, so the bytes must be the same):
@@ -11,17 +11,23 @@ fresh index without faults (encoding is deterministic, so the bytes must be the 
   - no video is `ready` with a missing or unreadable window: window rows 0..n-1, every
     object present and read back whole (reader_from_bytes with the catalog's sha256).
 
-Processes are found with Ray's state API, which goes through the dashboard: these tests
-start their own Ray with one instead of conftest's `local_ray`. A process is killed only
-while Ray's process title says it runs the task (`ray::Map(decode_window)`, or
-`ray::<actor class>.submit` for an actor method; `ray::IDLE` between tasks), and only if
-this test's Ray lists it: the other Rays on the machine are never touched. Ray's state
-then shows the recovery: the actor restarted, or the task's attempt that died and its
-retry. Faults go in once FAULT_AFTER windows are recorded, except the decode kill: decode
-runs well ahead of encode, so it goes in as soon as the run is under way.
+Every fault lands mid-run and mid-window by construction, not by timing: the gate
+(tests/reliability/gate.py, the Ray job's worker setup hook) holds the HOLD_AT-th window
+call of the stage, its work done and not yet handed on; the fault goes in once the
+windows before it are written (HOLD_AT - 1 objects, WINDOWS - HOLD_AT + 1 still to come),
+and the test fails if the run ends before the call is held. A process is killed only if
+this test's Ray lists it (the other Rays on the machine are never touched) and only while
+Ray's process title says it runs the task (`ray::Map(decode_window)`, or
+`ray::<actor class>.submit` for an actor method). Ray's state API (through the dashboard
+of the module's cluster) then shows the recovery: the actor restarted, or the task's
+attempt that died and its retry.
+
+One Ray for the module: a head with no CPUs (the driver's node: nothing of the pipeline
+runs there) and one worker node with the machine's 2 CPUs. The node test removes that
+worker, so it comes last.
 
 Recovery time, printed as RECOVERY lines (`pytest -rA` shows them): the faulted run's wall
-time minus the reference run's, and the stall (fault to the next window recorded).
+time minus the reference run's, and the stall (fault to the next window written).
 tests/test_ray_job.py::test_multi_node_gpu_placement_and_node_loss also removes a node
 mid-run and checks counts and statuses; the node test here adds the object and table
 checks and a node that joins.
@@ -49,20 +55,17 @@ from pipeline.catalog import Catalog, VideoRow
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.report import RunReport
 from pipeline.store import ObjectStore, open_store
+from tests.reliability.gate import ENV as GATE_ENV, HOOK as GATE_HOOK, Gate
 from tests.test_ingest import table_rows
 from tests.videos import make_video
 
-FAULTS = pytest.mark.skipif(not os.environ.get("FRAMEKV_FAULT_TESTS"), reason=(
-    "SIGKILL / node-replacement runs: ~4 min and timing-sensitive on 2 cores; run with FRAMEKV_FAULT_TESTS=1"))
-pytestmark = [pytest.mark.slow, FAULTS]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}}
 INDEX_CFG = IndexConfig(sampling=SamplingConfig(fps=2.0), window=2)
-# 6 to 10 s, as many windows of 2 frames at 2 fps: 40 windows, a run long enough for a fault to land mid-way
-CLIPS = {f"{name}.mp4": seconds for name, seconds in zip("abcde", range(6, 11))}
+CLIPS = {"a.mp4": 6, "b.mp4": 7, "c.mp4": 8}  # seconds = windows of 2 frames at 2 fps
 WINDOWS = sum(CLIPS.values())
-FAULT_AFTER = 3  # windows recorded before a fault: mid-run
+HOLD_AT = 8  # the window call a fault lands in: 7 windows through before it, 14 after
 BOUND = 600.0  # seconds a run may take, fault included: never a hang
 TABLES = ("videos", "windows", "frames")
 ENCODE_ACTOR = "MapWorker(MapBatches(EncodeActor))"  # Ray Data's name for the encode actor pool's class
@@ -96,6 +99,11 @@ def windows_recorded(index: Path) -> int:
         return Catalog(str(index)).windows.count_rows()
     except Exception:  # a commit in progress: ask again
         return 0
+
+
+def windows_written(index: Path) -> int:
+    """Window objects in the store so far (writes are atomic renames)."""
+    return sum(1 for _ in open_store(str(index)).list("objects/"))
 
 
 def ready_video_objects(catalog: Catalog, store: ObjectStore, video: VideoRow) -> dict[str, bytes]:
@@ -152,13 +160,25 @@ def assert_like_reference(index: Path, report: RunReport, ref: Reference) -> Non
 @dataclass
 class Faulted:
     report: RunReport
-    stall: float  # seconds from the fault to the next window recorded (or to the run's end)
+    at: float  # seconds into the run when the fault went in
+    written: int  # windows written then
+    recorded: int  # ... and recorded in the catalog
+    stall: float  # seconds from the fault to the next window written (or to the run's end)
 
 
-def run_with_fault(cfg: IngestConfig, fault: Callable[[Callable[[], bool]], T],
-                   after: int = FAULT_AFTER) -> tuple[Faulted, T]:
-    """Ingest `cfg` in a thread; once `after` windows are recorded, call `fault(running)`
-    here. Returns the run and what `fault` returned."""
+def poll(until: Callable[[], T], what: str, deadline: float, alive: Callable[[], bool] = lambda: True) -> T:
+    """`until()` once truthy; fails if `alive()` turns false first or at `deadline`."""
+    while not (value := until()):
+        assert alive(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"not in time: {what}"
+        time.sleep(0.05)
+    return value
+
+
+def run_with_fault(cfg: IngestConfig, gate: Gate, stage: str, fault: Callable[[int], T]) -> tuple[Faulted, T]:
+    """Ingest `cfg` in a thread with `stage`'s HOLD_AT-th window call held; once the windows
+    before it are written, call `fault(pid of the held process)` here, then let the run go
+    on. Returns the run and what `fault` returned."""
     out: dict = {}
 
     def target() -> None:
@@ -167,23 +187,36 @@ def run_with_fault(cfg: IngestConfig, fault: Callable[[Callable[[], bool]], T],
         except BaseException as e:  # re-raised below, in the test's thread
             out["error"] = e
 
-    runner = threading.Thread(target=target, daemon=True)
-    runner.start()
+    def running() -> bool:
+        """Whether the run goes on; a run that ended with an error raises it here."""
+        if runner.is_alive():
+            return True
+        if "error" in out:
+            raise out["error"]
+        return False
+
     index, deadline = Path(cfg.index), time.monotonic() + BOUND
-    while after and windows_recorded(index) < after:
-        assert runner.is_alive(), f"the run ended before {after} windows were recorded: {out}"
-        assert time.monotonic() < deadline, "no window recorded in time"
-        time.sleep(0.2)
-    result = fault(runner.is_alive)
-    faulted_at, before = time.monotonic(), windows_recorded(index)
-    while runner.is_alive() and windows_recorded(index) <= before:
-        time.sleep(0.2)
+    gate.arm(stage, HOLD_AT)
+    runner = threading.Thread(target=target, daemon=True)
+    started = time.monotonic()
+    try:
+        runner.start()
+        pid = poll(lambda: gate.held(stage, HOLD_AT), f"its {stage} call {HOLD_AT} was held", deadline, running)
+        poll(lambda: windows_written(index) >= HOLD_AT - 1, f"{HOLD_AT - 1} windows were written", deadline, running)
+        written, recorded = windows_written(index), windows_recorded(index)
+        assert written < WINDOWS and running(), "the fault would not land mid-run"
+        result = fault(pid)
+    finally:
+        gate.disarm(stage)
+    faulted_at = time.monotonic()
+    while runner.is_alive() and windows_written(index) <= written:
+        time.sleep(0.05)
     stall = time.monotonic() - faulted_at
     runner.join(timeout=max(1.0, deadline - time.monotonic()))
     assert not runner.is_alive(), f"the run did not end within {BOUND:.0f} s"
     if "error" in out:
         raise out["error"]
-    return Faulted(out["report"], stall), result
+    return Faulted(out["report"], faulted_at - started, written, recorded, stall), result
 
 
 def process_title(pid: int) -> str:
@@ -194,32 +227,28 @@ def process_title(pid: int) -> str:
         return ""
 
 
-def kill_inside(title: str, pids: Callable[[], list[int]], running: Callable[[], bool]) -> int:
-    """SIGKILL the first of `pids()` (listed again every second) whose title is `title`,
-    so the kill lands while it runs that task; returns its pid."""
-    while running():
-        candidates, until = pids(), time.monotonic() + 1.0
-        while time.monotonic() < until:
-            for pid in candidates:
-                if process_title(pid) == title:
-                    os.kill(pid, signal.SIGKILL)
-                    return pid
-            time.sleep(0.001)
-    raise AssertionError(f"the run ended before a process of this Ray was seen running {title}")
-
-
 def eventually(get: Callable[[], T], what: str, timeout: float = 30.0) -> T:
-    """`get()` once truthy: the task table is filled from events sent about every second."""
+    """`get()` once truthy: the state API's tables are filled from events sent about every second."""
     deadline = time.monotonic() + timeout
     while not (value := get()):
         assert time.monotonic() < deadline, f"not seen in {timeout:.0f} s: {what}"
-        time.sleep(1.0)
+        time.sleep(0.5)
     return value
+
+
+def kill_held(pid: int, title: str, listed: Callable[[], list[int]]) -> int:
+    """SIGKILL the held process, once this test's Ray lists it and while it runs `title`."""
+    eventually(lambda: pid in listed(), f"process {pid} among this Ray's")
+    assert process_title(pid) == title, f"process {pid} is {process_title(pid)!r}, not inside {title}"
+    os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def recovery(fault: str, run: Faulted, ref: Reference) -> None:
     print(f"RECOVERY {fault}: run {run.report.seconds:.1f} s vs {ref.seconds:.1f} s without faults "
-          f"(+{run.report.seconds - ref.seconds:.1f} s); stall {run.stall:.1f} s to the next window recorded")
+          f"({run.report.seconds - ref.seconds:+.1f} s, the hold included); fault {run.at:.1f} s in, after "
+          f"{run.written} of {WINDOWS} windows written ({run.recorded} recorded); "
+          f"stall {run.stall:.1f} s to the next window written")
 
 
 @pytest.fixture(scope="module")
@@ -230,17 +259,40 @@ def archive(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def state_ray():
-    """A local Ray with its dashboard (for the state API); yields its address."""
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=free_port(),
-             log_to_driver=False, runtime_env=RUNTIME_ENV)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+@dataclass
+class Rig:
+    cluster: object  # ray.cluster_utils.Cluster
+    worker: object  # its worker node (the head has no CPUs)
+    gate: Gate
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
 
 
 @pytest.fixture(scope="module")
-def reference(archive, state_ray, tmp_path_factory) -> Reference:
+def rig(tmp_path_factory):
+    """The module's Ray: a head with no CPUs and its dashboard (for the state API), one
+    worker node with 2 CPUs; every worker of the job runs the gate's setup hook."""
+    from ray.cluster_utils import Cluster
+
+    gate = Gate(tmp_path_factory.mktemp("gate"))
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", GATE_ENV: str(gate.folder)},
+                   "worker_process_setup_hook": GATE_HOOK}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield Rig(cluster, worker, gate)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(archive, rig, tmp_path_factory) -> Reference:
     """The archive ingested twice without faults into fresh indexes: the first run's
     index (the second's must be the same), the second's time (Ray's workers warm, as
     they are for the faulted runs)."""
@@ -257,39 +309,46 @@ def reference(archive, state_ray, tmp_path_factory) -> Reference:
     return ref
 
 
-def test_encode_actor_killed_mid_window(archive, state_ray, reference, tmp_path):
+def encode_actors(address: str, node_id: str | None = None) -> dict[int, str]:
+    """Alive encode actors of this Ray (of one node), pid -> actor id."""
+    filters = [("class_name", "=", ENCODE_ACTOR), ("state", "=", "ALIVE")]
+    filters += [("node_id", "=", node_id)] if node_id else []
+    return {a.pid: a.actor_id for a in list_actors(address=address, filters=filters)}
+
+
+def test_encode_actor_killed_mid_window(archive, rig, reference, tmp_path):
     """Ray Data restarts the pool's actor (max_restarts -1) and retries the window it held."""
     actors: dict[int, str] = {}
 
     def pids() -> list[int]:
-        alive = list_actors(address=state_ray, filters=[("class_name", "=", ENCODE_ACTOR), ("state", "=", "ALIVE")])
-        actors.update({a.pid: a.actor_id for a in alive})
-        return [a.pid for a in alive]
+        actors.update(encode_actors(rig.address))
+        return list(actors)
 
     index = tmp_path / "idx"
-    run, pid = run_with_fault(config(archive, index),
-                              lambda running: kill_inside(f"ray::{ENCODE_ACTOR}.submit", pids, running))
+    run, pid = run_with_fault(config(archive, index), rig.gate, "encode",
+                              lambda held: kill_held(held, f"ray::{ENCODE_ACTOR}.submit", pids))
     assert_like_reference(index, run.report, reference)
-    restarted = get_actor(actors[pid], address=state_ray)
-    assert restarted.num_restarts >= 1, restarted
+    restarted = eventually(lambda: get_actor(actors[pid], address=rig.address).num_restarts >= 1,
+                           f"the encode actor of pid {pid} restarted")
+    assert restarted
     recovery(f"encode actor SIGKILLed mid-window (pid {pid})", run, reference)
 
 
-def test_decode_task_killed_mid_window(archive, state_ray, reference, tmp_path):
+def test_decode_task_killed_mid_window(archive, rig, reference, tmp_path):
     """Ray retries the task whose worker died (WORKER_DIED) in a new worker."""
     def pids() -> list[int]:
-        workers = list_workers(address=state_ray, filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)],
+        workers = list_workers(address=rig.address, filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)],
                                raise_on_missing_output=False)
         return [w.pid for w in workers]
 
     def decode_attempts(state: str) -> list:
-        tasks = list_tasks(address=state_ray, filters=[("state", "=", state)], detail=True, limit=10_000,
+        tasks = list_tasks(address=rig.address, filters=[("state", "=", state)], detail=True, limit=10_000,
                            raise_on_missing_output=False)
         return [t for t in tasks if "decode_window" in t.name]
 
     index = tmp_path / "idx"
-    run, pid = run_with_fault(config(archive, index),
-                              lambda running: kill_inside(f"ray::{DECODE_TASK}", pids, running), after=0)
+    run, pid = run_with_fault(config(archive, index), rig.gate, "decode",
+                              lambda held: kill_held(held, f"ray::{DECODE_TASK}", pids))
     assert_like_reference(index, run.report, reference)
     died = eventually(lambda: [t for t in decode_attempts("FAILED") if t.error_type == "WORKER_DIED"],
                       f"a {DECODE_TASK} attempt that died with worker {pid}")
@@ -299,52 +358,35 @@ def test_decode_task_killed_mid_window(archive, state_ray, reference, tmp_path):
     recovery(f"decode task SIGKILLed mid-window (pid {pid})", run, reference)
 
 
-@pytest.fixture
-def cluster(reference):
-    """A head with no CPUs (the driver's node: nothing of the pipeline runs there) and one
-    worker with the machine's 2 CPUs. `reference` runs on the module's local Ray, which is
-    shut first (one Ray per process): this test comes last in the module."""
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
-    try:
-        worker = cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, runtime_env=RUNTIME_ENV, log_to_driver=False)
-        cluster.wait_for_nodes()
-        yield cluster, worker
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def test_worker_node_replaced_mid_run(archive, reference, cluster, tmp_path):
-    """A node added mid-run, then the first worker removed with the tasks it runs and the
-    blocks it stores: the added node picks up the run (its encode actor, decodes and
-    writes; the head has no CPUs) and the run completes with the reference's index.
+def test_worker_node_replaced_mid_run(archive, reference, rig, tmp_path):
+    """A node added mid-run, then the first worker removed with the tasks it runs (the
+    encode actor held mid-window among them) and the blocks it stores: the added node
+    picks up the run (its encode actor, decodes and writes; the head has no CPUs) and the
+    run completes with the reference's index. Last in the module: it replaces its worker.
 
     The new node gets work because the old one goes: while a run's stages keep their
     workers busy, Ray reuses their leases, so a node that joins is used by new leases only
     (a restarted actor, lost blocks rebuilt, a stage that gets more tasks to run at once)."""
-    cluster, first = cluster
+    cluster, first = rig.cluster, rig.worker
 
     def stage_tasks_on(node_id: str) -> Counter:
         """Tasks of the ingest's stages that ran on the node, by name."""
-        tasks = list_tasks(address=cluster.address, filters=[("node_id", "=", node_id)], limit=10_000,
+        tasks = list_tasks(address=rig.address, filters=[("node_id", "=", node_id)], limit=10_000,
                            raise_on_missing_output=False)
         return Counter(t.name for t in tasks if any(stage in t.name for stage in STAGES))
 
-    def replace(running: Callable[[], bool]) -> str:
+    def replace(held: int) -> str:
+        eventually(lambda: held in encode_actors(rig.address, first.node_id), f"process {held} on the first node")
+        assert process_title(held) == f"ray::{ENCODE_ACTOR}.submit", process_title(held)
         added = cluster.add_node(num_cpus=2)
-        assert running(), "the run ended before the node was added"
         cluster.remove_node(first)
         return added.node_id
 
     index = tmp_path / "idx"
-    run, added = run_with_fault(config(archive, index), replace, after=1)
+    run, added = run_with_fault(config(archive, index), rig.gate, "encode", replace)
     assert_like_reference(index, run.report, reference)
     assert set(run.report.encode_nodes) == {first.node_id, added}, run.report.encode_nodes
     done = eventually(lambda: dict(stage_tasks_on(added)), "a task of the ingest on the added node")
     print(f"added node {added[:12]} ran {done}")
-    recovery("worker node removed mid-run, a node added just before", run, reference)
+    recovery("worker node removed mid-run (its encode actor held mid-window), a node added just before",
+             run, reference)
