@@ -54,11 +54,13 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from jobs.cli import _positive_int  # noqa: E402
 from model.ask import ANSWER_MODES, ask  # noqa: E402
 from model.backbone import load_backbone  # noqa: E402
 from model.generate import GenerateConfig  # noqa: E402
 from model.kvcache import CacheError  # noqa: E402
 from model.qccomp import SCORE_MODES, QuestionContext  # noqa: E402
+from pipeline.catalog import display_text  # noqa: E402
 from pipeline.query import (  # noqa: E402
     DEFAULT_K, READ_WORKERS, AskResult, CountingStore, Index, IndexedVideo, QueryError, RangeSource,
     check_text, open_catalog, readers_for, resolve_video,
@@ -277,27 +279,17 @@ def _reads(counted: CountingStore, memo: MemoRanges) -> dict:
 def _answer_row(result: AskResult) -> dict:
     d = result.to_dict()
     ev = d["evidence"]
-    return {"video_id": d["video"]["video_id"], "uri": _text(d["video"]["uri"]), "answer": _text(d["answer"]),
+    return {"video_id": d["video"]["video_id"], "uri": display_text(d["video"]["uri"]),
+            "answer": display_text(d["answer"]),
             "times": [e["time"] for e in ev], "scores": [e["score"] for e in ev],
             "windows": [e["window"] for e in ev], "frames": [e["frame"] for e in ev],
             "k": d["k"], "candidates": d["candidates"], "error": None}
 
 
 def _error_row(error: str, video: IndexedVideo | None = None) -> dict:
-    return {"video_id": video.video_id if video else None, "uri": _text(video.uri) if video else None,
+    return {"video_id": video.video_id if video else None, "uri": display_text(video.uri) if video else None,
             "answer": None, "times": None, "scores": None, "windows": None, "frames": None, "k": None,
-            "candidates": None, "error": _text(error)}
-
-
-def _text(text: str | None) -> str | None:
-    """Valid UTF-8 for parquet: bytes a file name could not decode (surrogate escapes),
-    or lone surrogates of a JSON string, shown as backslash escapes."""
-    if text is None:
-        return None
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+            "candidates": None, "error": display_text(error)}
 
 
 # ---- driver side -------------------------------------------------------------------------
@@ -451,7 +443,7 @@ def ask_batch(cfg: BatchConfig) -> BatchResult:
                 out.update(result.rows)
                 if kind == "video":
                     row = plan.videos[video_id][0]
-                    per_video[video_id] = {"uri": _text(row.uri), "windows": row.windows, "questions": count,
+                    per_video[video_id] = {"uri": display_text(row.uri), "windows": row.windows, "questions": count,
                                            **result.reads}
                 else:
                     for key in ("gets", "bytes", "header_gets"):
@@ -476,8 +468,10 @@ def _table(rows: list[InputRow], ids: pa.Array | None, out: dict[int, dict], opt
     floats, ints = pa.list_(pa.float64()), pa.list_(pa.int64())
     columns = {} if ids is None else {"id": ids}
     columns |= {
-        "question": pa.array([_text(r.question) if isinstance(r.question, str) else None for r in rows], pa.string()),
-        "video": pa.array([_text(r.video) if isinstance(r.video, str) else None for r in rows], pa.string()),
+        "question": pa.array([display_text(r.question) if isinstance(r.question, str) else None for r in rows],
+                             pa.string()),
+        "video": pa.array([display_text(r.video) if isinstance(r.video, str) else None for r in rows],
+                          pa.string()),
         "video_id": pa.array([g["video_id"] for g in got], pa.string()),
         "uri": pa.array([g["uri"] for g in got], pa.string()),
         "answer": pa.array([g["answer"] for g in got], pa.string()),
@@ -517,13 +511,6 @@ def read_report(uri: str) -> dict:
 
 
 # ---- command line ------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
 
 def _cpus(text: str) -> float:
     value = float(text)

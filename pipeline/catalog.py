@@ -327,7 +327,7 @@ def uri_columns(uri: str) -> tuple[str, bytes]:
     return raw.decode("utf-8", "backslashreplace"), raw
 
 
-def _display(text: str | None) -> str | None:
+def display_text(text: str | None) -> str | None:
     """Free text (an error naming a uri, a source root) as valid UTF-8: undecodable bytes
     shown as backslash escapes."""
     if text is None:
@@ -607,7 +607,7 @@ class Catalog:
         now, records = _now(), []
         for row in rows:
             display, raw = uri_columns(row.uri)
-            records.append({**asdict(row), "uri": display, "uri_raw": raw, "error": _display(row.error),
+            records.append({**asdict(row), "uri": display, "uri_raw": raw, "error": display_text(row.error),
                             "updated_at": now, "video_key": _video_key(row.video_id, row.model_fp),
                             "lost_times": [float(t) for t in row.lost_times]})
         self._merge(self.videos, "video_key", pa.Table.from_pylist(records, schema=VIDEOS_SCHEMA))
@@ -960,7 +960,7 @@ class Catalog:
         (which orders models for `serving_videos`)."""
         check_hex_id(model_fp, "model_fp")
         self._merge(self._models, "model_fp", pa.Table.from_pylist(
-            [{"model_fp": model_fp, "model": _display(model), "revision": revision,
+            [{"model_fp": model_fp, "model": display_text(model), "revision": revision,
               "config": json.dumps(config, sort_keys=True), "used_at": _now()}], schema=MODELS_SCHEMA))
 
     def forget_model(self, model_fp: str) -> None:
@@ -975,7 +975,7 @@ class Catalog:
         if not run_id.isalnum():
             raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
         self._runs.add(pa.Table.from_pylist(
-            [{"run_id": run_id, "source": _display(source), "model_fp": model_fp, "started_at": _now(),
+            [{"run_id": run_id, "source": display_text(source), "model_fp": model_fp, "started_at": _now(),
               "finished_at": None, "status": "running", "counts": "{}"}],
             schema=RUNS_SCHEMA,
         ))
@@ -1053,7 +1053,7 @@ class Catalog:
         for i in range(0, len(ids), ID_BATCH):
             where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
             if self.videos.count_rows(where):
-                self.videos.update(where=where, values={"status": "failed", "error": _display(reason),
+                self.videos.update(where=where, values={"status": "failed", "error": display_text(reason),
                                                         "error_class": "permanent"})
                 self._committed(self.videos)
 
@@ -1079,7 +1079,7 @@ class Catalog:
         report scrubbed of an erased video."""
         if not isinstance(run_id, str) or not run_id.isalnum():
             raise ValueError(f"run id must be alphanumeric, got {run_id!r}")
-        values = {k: v for k, v in (("status", status), ("source", _display(source)),
+        values = {k: v for k, v in (("status", status), ("source", display_text(source)),
                                     ("counts", None if counts is None else json.dumps(counts, sort_keys=True)))
                   if v is not None}
         if values:

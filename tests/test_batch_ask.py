@@ -13,16 +13,7 @@ scoring costs a GET per window of its own, which the read-once check can see."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -37,7 +28,7 @@ from model.synth import COLOURS, SHAPES
 from pipeline.catalog import Catalog
 from pipeline.query import Index, QueryError, readers_for
 from pipeline.store import open_store
-from tests.test_ray_job import RAY, _free_port, submit
+from tests.test_ray_job import ray_head, submit
 
 pytestmark = pytest.mark.slow
 
@@ -121,42 +112,6 @@ def same_as_index(row: dict, ref) -> None:
     assert row["frames"] == [e["frame"] for e in d["evidence"]]
     assert (row["k"], row["candidates"], row["score_mode"], row["answer_mode"]) == (
         d["k"], d["candidates"], d["score_mode"], d["answer_mode"])
-
-
-@contextmanager
-def ray_head():
-    """`ray start --head` on loopback with token auth (as tests/test_ray_job.py starts
-    it); yields the job server's address and the environment to submit with."""
-    port, dashboard = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="fkv", dir="/tmp")  # short: Ray puts sockets in it
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 180
-        while True:  # the job server answers (401 without a token is an answer)
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-                time.sleep(1)
-        yield address, env
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_thousand_questions_as_a_ray_job(tiny, tmp_path):

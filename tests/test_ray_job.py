@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,31 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     from this (another) process."""
     src = archive(tmp_path / "src", videos=2)
     index = tmp_path / "index"
+    with ray_head() as (address, env):
+        job = submit(address, env, "jobs.ingest", str(src), "--index", str(index), "--window", "4",
+                     "--address", "auto", "--max-failed", "1", "--no-progress")
+        assert "2 ready, 1 failed" in job.stdout
+        # the nightly entry point, as a RayCronJob runs it: joins the job's cluster by itself
+        make_video(src / "v2.mp4", seconds=10, fps=5, size=(48, 64), gop=10)  # a new video for the night
+        config = tmp_path / "nightly.yaml"
+        config.write_text(f"sources: [{src}]\nindex: {index}\nwindow: 4\nprune: {{enabled: true, max_prune: 0.5}}\n")
+        job = submit(address, env, "jobs.nightly", str(config), "--no-progress")
+        assert "1 ready, 0 failed" in job.stdout and "1 sources" in job.stdout
+
+    catalog = Catalog(str(index))  # another process than the job's drivers
+    rows = {Path(v.uri).name: v for v in catalog.list_videos()}
+    assert {n: v.status for n, v in rows.items()} == {"v0.mp4": "ready", "v1.mp4": "ready", "v2.mp4": "ready",
+                                                     "broken.mp4": "failed"}
+    assert sum(len(catalog.window_rows(v.video_id, v.model_fp)) for v in rows.values()) == 3 + 4 + 3
+    assert {r["source"] for r in catalog.runs(2)} == {"framekv nightly", str(src)}  # the night and its ingest
+
+
+@contextmanager
+def ray_head():
+    """`ray start --head` on loopback, token auth on with a token of its own; yields the
+    job server's address and the environment to submit with."""
     port, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="fkv", dir="/tmp")  # short: Ray puts sockets in it
-    # token auth on, with a token of this test's own for the cluster and the client
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen(
@@ -119,15 +142,7 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
                 time.sleep(1)
-        job = submit(address, env, "jobs.ingest", str(src), "--index", str(index), "--window", "4",
-                     "--address", "auto", "--max-failed", "1", "--no-progress")
-        assert "2 ready, 1 failed" in job.stdout
-        # the nightly entry point, as a RayCronJob runs it: joins the job's cluster by itself
-        make_video(src / "v2.mp4", seconds=10, fps=5, size=(48, 64), gop=10)  # a new video for the night
-        config = tmp_path / "nightly.yaml"
-        config.write_text(f"sources: [{src}]\nindex: {index}\nwindow: 4\nprune: {{enabled: true, max_prune: 0.5}}\n")
-        job = submit(address, env, "jobs.nightly", str(config), "--no-progress")
-        assert "1 ready, 0 failed" in job.stdout and "1 sources" in job.stdout
+        yield address, env
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -135,13 +150,6 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-    catalog = Catalog(str(index))  # another process than the job's drivers
-    rows = {Path(v.uri).name: v for v in catalog.list_videos()}
-    assert {n: v.status for n, v in rows.items()} == {"v0.mp4": "ready", "v1.mp4": "ready", "v2.mp4": "ready",
-                                                     "broken.mp4": "failed"}
-    assert sum(len(catalog.window_rows(v.video_id, v.model_fp)) for v in rows.values()) == 3 + 4 + 3
-    assert {r["source"] for r in catalog.runs(2)} == {"framekv nightly", str(src)}  # the night and its ingest
 
 
 def submit(address: str, env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
