@@ -9,10 +9,16 @@ score_mode: `fast` (cached keys of a few layers) or `exact` (question prefilled 
 every window's K/V); answer_mode: `cached` (selected frames' K/V) or `reencode` (LP-Comp
 over the selected frames' cached embeddings). See model/qccomp.py and model/generate.py.
 `exact` + `cached` answers from the K/V scoring already read: one range read a window.
+
+`map` (e.g. a ThreadPoolExecutor's) runs the per-window reads of scoring and of the
+selected frames concurrently, with the same results; `scores` reuses a scoring already
+done for this question and these readers (a library question ranks its candidates by
+them), so the picked video's keys are not read twice.
 """
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Sequence
 
@@ -22,7 +28,7 @@ from torch import Tensor
 from model.generate import Answer, GenerateConfig, answer_cached, answer_embeddings
 from model.config import CompressionConfig
 from model.kvcache import WindowReader
-from model.qccomp import FrameScores, QuestionContext, score_frames
+from model.qccomp import FrameScores, MapFn, QuestionContext, score_frames
 
 ANSWER_MODES = ("cached", "reencode")
 
@@ -43,15 +49,17 @@ def _time_order(picked: FrameScores, groups: dict[int, list[int]]) -> Tensor:
     return torch.tensor([slot[wj] for wj in zip(picked.window.tolist(), picked.frame.tolist())])
 
 
-def read_selected_kv(readers: Sequence[WindowReader], picked: FrameScores) -> tuple[list[Tensor], list[Tensor]]:
+def read_selected_kv(readers: Sequence[WindowReader], picked: FrameScores, *, map: MapFn | None = None
+                     ) -> tuple[list[Tensor], list[Tensor]]:
     """The selected frames' cached K/V per layer [K, n(l), kvh, hd], in `picked`'s order.
     Frames whose K/V scoring kept (`picked.kept`) are not read again; the others cost one
-    range read per run of adjacent frames of a window."""
+    range read per run of adjacent frames of a window, the windows read through `map`
+    (None: builtin `map`, in turn)."""
     order = list(zip(picked.window.tolist(), picked.frame.tolist()))
     frames = {wj: picked.kept[wj] for wj in order if wj in picked.kept}
-    missing = [wj for wj in order if wj not in frames]
-    for w, js in _by_window(picked, missing).items():
-        keys, values = readers[w].window_kv(js)
+    groups = _by_window(picked, [wj for wj in order if wj not in frames])
+    read = (map or builtins.map)(lambda wjs: readers[wjs[0]].window_kv(wjs[1]), groups.items())
+    for (w, js), (keys, values) in zip(groups.items(), read):
         for i, j in enumerate(js):
             frames[(w, j)] = ([k[i] for k in keys], [v[i] for v in values])
     layers = range(len(frames[order[0]][0]))
@@ -60,11 +68,13 @@ def read_selected_kv(readers: Sequence[WindowReader], picked: FrameScores) -> tu
     return keys, values
 
 
-def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScores) -> Tensor:
-    """The selected frames' cached embeddings [K, n0, D], in `picked`'s order."""
+def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScores, *, map: MapFn | None = None
+                             ) -> Tensor:
+    """The selected frames' cached embeddings [K, n0, D], in `picked`'s order; the windows
+    read through `map` (None: builtin `map`, in turn)."""
     groups = _by_window(picked)
-    embs = torch.cat([readers[w].embeddings()[js] for w, js in groups.items()])
-    return embs[_time_order(picked, groups)]
+    embs = (map or builtins.map)(lambda w: readers[w].embeddings(), groups)
+    return torch.cat([e[js] for e, js in zip(embs, groups.values())])[_time_order(picked, groups)]
 
 
 def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig | None) -> CompressionConfig:
@@ -90,12 +100,20 @@ def ask(
     score_layers: Sequence[int] | None = None,
     comp: CompressionConfig | None = None,
     batch_windows: int = 16,
+    *,
+    scores: FrameScores | None = None,
+    map: MapFn | None = None,
 ) -> Answer:
     """Answer `question` about the video whose window objects `readers` read.
 
     readers: one per window, any order (frames are put in time order by their stored
-    timestamps). question: its text, or the QuestionContext already built for it. comp: only for `reencode` (defaults to the objects' own schedule and
-    keep policy).
+    timestamps). question: its text, or the QuestionContext already built for it.
+    comp: only for `reencode` (defaults to the objects' own schedule and keep policy).
+    scores: `score_frames(backbone, readers, question, score_mode, score_layers)` done
+    already (with `keep=k` for `exact` + `cached`, else the k frames' K/V are read
+    again): not scored twice, the same answer; `bytes_read` then counts only the
+    answer's reads. map: runs the per-window reads (e.g. ThreadPoolExecutor.map); None
+    reads them in turn.
     """
     if answer_mode not in ANSWER_MODES:
         raise ValueError(f"unknown answer mode {answer_mode!r}; choose one of {ANSWER_MODES}")
@@ -103,17 +121,22 @@ def ask(
     t0 = time.perf_counter()
     with torch.inference_mode():
         ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
-        keep = k if answer_mode == "cached" else 0  # `exact` keeps the K/V it read of the k best
-        scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows, keep=keep)
+        if scores is None:
+            keep = k if answer_mode == "cached" else 0  # `exact` keeps the K/V it read of the k best
+            scores = score_frames(backbone, readers, ctx, score_mode, score_layers, batch_windows, keep=keep,
+                                  map=map)
+        elif len(scores.scores) != sum(r.frames for r in readers):
+            raise ValueError(f"scores of {len(scores.scores)} frames given for readers of "
+                             f"{sum(r.frames for r in readers)} frames: scores of another video")
         picked = scores.top_k(k)
         t1 = time.perf_counter()
         if answer_mode == "cached":
-            keys, values = read_selected_kv(readers, picked)
+            keys, values = read_selected_kv(readers, picked, map=map)
             t2 = time.perf_counter()
             gen = answer_cached(backbone, ctx, keys, values, generation)
         else:
             comp = stored_compression(backbone, readers[0], comp)
-            embs = read_selected_embeddings(readers, picked)
+            embs = read_selected_embeddings(readers, picked, map=map)
             t2 = time.perf_counter()
             gen = answer_embeddings(backbone, ctx, embs, comp, generation)
     t3 = time.perf_counter()

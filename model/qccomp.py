@@ -4,6 +4,7 @@
     scores = score_frames(backbone, readers, ctx, mode="fast")    # FrameScores, one row a frame
     picked = scores.top_k(16)                                     # best 16, back in time order
     scores = score_frames(backbone, readers, ctx, mode="exact", keep=16)  # + the best 16's K/V
+    scores = score_frames(backbone, readers, ctx, map=pool.map)   # window reads concurrent
 
 Each window is scored segment-locally, as it was encoded: at layer l the sequence is
 [prefix | the window's frames, n(l) cached tokens each | question], positions
@@ -32,13 +33,20 @@ attention against a uniform share of its window, equal to the paper's ordering a
 full windows and fair to a ragged last window. Windows are stored non-overlapping and scored as stored (no
 stride-W/2 overlap: a window made of halves of two stored windows would reuse KV
 computed in another context, which is not the paper's computation).
+
+Reads: `map` (e.g. a ThreadPoolExecutor's) runs each window's range read; the next
+batch's reads are in flight while a batch is scored, so on S3 a question waits for
+about one round trip per batch instead of one per window. The torch compute stays on
+the calling thread, and the results are those of the sequential reads (builtin `map`).
 """
 
 from __future__ import annotations
 
+import builtins
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -49,6 +57,9 @@ from model.decoder import LayerKV, extend, layer_step, positions_for, rotate
 from model.kvcache import CacheError, WindowReader
 
 SCORE_MODES = ("exact", "fast")
+# How per-window reads are run: builtin `map` (in turn) or e.g. ThreadPoolExecutor.map
+# (concurrently); either way results come back in the order of the inputs.
+MapFn = Callable[[Callable, Iterable], Iterable]
 
 
 @dataclass(frozen=True)
@@ -211,20 +222,39 @@ def _frame_means(probs: Tensor, p: int, f_max: int, n: int) -> Tensor:
     return frames.mean(dim=(1, 2, 4))
 
 
-def _score_exact(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
-                 score_layers: tuple[int, ...]) -> tuple[Tensor, list]:
-    """[B, F_max] scores of a batch of windows (question prefilled against their K/V),
-    and the K/V read: per window (keys, values) per layer [F, n(l), kvh, hd]."""
-    kvs = [r.window_kv() for r in readers]
+def _score_exact(backbone, ctx: QuestionContext, kvs: list, frames: list[int],
+                 score_layers: tuple[int, ...]) -> Tensor:
+    """[B, F_max] scores of a batch of windows (question prefilled against their K/V).
+    kvs[i]: window i's (keys, values) per layer [F_i, n(l), kvh, hd]; frames[i] = F_i."""
     last = max(score_layers)
     past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
             for l in range(last + 1)]
-    q = ctx.question_embs[None].expand(len(readers), -1, -1)
+    q = ctx.question_embs[None].expand(len(kvs), -1, -1)
     res = extend(backbone.decoder, q, past=past, layers=range(last + 1),
                  prob_rows=ctx.user_rows, prob_layers=score_layers)
-    f_max = max(r.frames for r in readers)
-    scores = sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
-    return scores, kvs
+    f_max = max(frames)
+    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
+
+
+def _window_kv(reader: WindowReader) -> tuple[list[Tensor], list[Tensor]]:
+    return reader.window_kv()
+
+
+def _score_keys(reader: WindowReader, layers: list[int]) -> dict[int, Tensor]:
+    return reader.score_keys_for(layers)
+
+
+def _read_batches(batches: list[Sequence[WindowReader]], read: Callable, map: MapFn) -> Iterator[list]:
+    """Each batch's `read(reader)` results, in order. The next batch's reads are started
+    (`map` called) before a batch is handed out, so a concurrent `map` reads it while the
+    caller computes; with builtin `map` (lazy) every read happens in turn, as a plain
+    loop would. Memory: at most two batches' reads."""
+    pending = map(read, batches[0]) if batches else None
+    for i in range(len(batches)):
+        got = list(pending)
+        if i + 1 < len(batches):
+            pending = map(read, batches[i + 1])
+        yield got
 
 
 class _BestKV:
@@ -277,16 +307,16 @@ def question_queries(backbone, question: str | QuestionContext, layer: int) -> T
     return attn.q_proj(x).view(len(h), -1, attn.head_dim)
 
 
-def _score_fast(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
+def _score_fast(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]], frames: list[int],
                 hidden: dict[int, Tensor]) -> Tensor:
-    """[B, F_max] scores of a batch of windows from their cached keys of the fast layers."""
+    """[B, F_max] scores of a batch of windows from their cached keys of the fast layers.
+    stored[i]: window i's keys per fast layer [F_i, n(l), kvh, hd]; frames[i] = F_i."""
     total = 0
-    f_max = max(r.frames for r in readers)
-    stored = [r.score_keys_for(list(hidden)) for r in readers]
+    f_max = max(frames)
     for l, h in hidden.items():
         keys = [s[l] for s in stored]
         past = video_past(backbone, ctx.prefix_past[l], keys)
-        h = h.expand(len(readers), -1, -1)
+        h = h.expand(len(stored), -1, -1)
         valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length), valid, past,
                          prob_rows=ctx.user_rows)
@@ -303,6 +333,8 @@ def score_frames(
     score_layers: Sequence[int] | None = None,
     batch_windows: int = 16,
     keep: int = 0,
+    *,
+    map: MapFn | None = None,
 ) -> FrameScores:
     """Score every frame of the windows behind `readers` (one video, any order).
 
@@ -310,6 +342,8 @@ def score_frames(
     layers stored in the objects (and may only use those). keep: with `exact`, also
     return the K/V that scoring read of the `keep` best frames (`FrameScores.kept`), so
     that answering over `top_k(keep)` needs no second read; `fast` reads no values.
+    map: runs the per-window reads (None: builtin `map`, one after another), e.g. a
+    ThreadPoolExecutor's `map`; the scores are the same either way.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}; choose one of {SCORE_MODES}")
@@ -325,20 +359,22 @@ def score_frames(
         raise ValueError(f"score layers {score_layers} must be a non-empty subset of 0..{num_layers - 1}")
     hidden = question_hidden(backbone, ctx, score_layers) if mode == "fast" else None
 
+    read = _window_kv if mode == "exact" else partial(_score_keys, layers=list(hidden))
+    batches = [readers[i : i + batch_windows] for i in range(0, len(readers), batch_windows)]
     scores: list[np.ndarray] = []
     best = _BestKV(keep) if keep and mode == "exact" else None
     rows = 0  # frames scored so far: the next frame's row in FrameScores
-    for start in range(0, len(readers), batch_windows):
-        batch = readers[start : start + batch_windows]
+    for b, (batch, got) in enumerate(zip(batches, _read_batches(batches, read, map or builtins.map))):
+        frames = [r.frames for r in batch]
         if mode == "exact":
-            s, kvs = _score_exact(backbone, ctx, batch, score_layers)
+            s = _score_exact(backbone, ctx, got, frames, score_layers)
         else:
-            s = _score_fast(backbone, ctx, batch, hidden)
-        new = [s[i, : r.frames].double().cpu().numpy() for i, r in enumerate(batch)]
+            s = _score_fast(backbone, ctx, got, frames, hidden)
+        new = [s[i, :f].double().cpu().numpy() for i, f in enumerate(frames)]
         if best is not None:
-            best.offer(rows, start, new, kvs)
+            best.offer(rows, b * batch_windows, new, got)
         scores += new
-        rows += sum(r.frames for r in batch)
+        rows += sum(frames)
     return FrameScores(
         window=np.concatenate([np.full(r.frames, w) for w, r in enumerate(readers)]),
         frame=np.concatenate([np.arange(r.frames) for r in readers]),

@@ -17,13 +17,16 @@ What it keeps, so a warm question only reads the tensors it scores and answers f
   new ingest, an erase, a model migration; checked at most every `refresh_seconds`),
   dropping the readers of every video whose serving row changed.
 Range reads go through one thread pool (`workers` concurrent requests) and a counter
-(`ReadStats`: GETs, bytes, header GETs), so a question's cost is measured, not guessed.
+(`ReadStats`: GETs, bytes, header GETs), so a question's cost is measured, not guessed:
+headers when a video is opened, and each question's per-window reads (score keys, the
+selected frames), so on S3 a question waits about one round trip per batch of windows.
 
 Library questions (no video) cover every ready video, each under the model that serves
 it (`Catalog.serving_videos`): the catalog's frame-vector search, per model with that
 model's question vector (pooled pre-RoPE queries of the layer the frame vectors were
 made from), picks candidate videos; QC scoring of their cached keys ranks them
-(`FrameScores.relevance`) and the best is answered. `search` ranks moments (video, time)
+(`FrameScores.relevance`) and the best is answered from the scores that ranked it
+(not scored twice). `search` ranks moments (video, time)
 the same way: candidates from the vector search, every frame of theirs scored by
 QC-Comp (`fast`), best `relative` score first.
 
@@ -319,6 +322,9 @@ class Index:
         self._snap = self._open_snapshot(open_catalog(uri, endpoint_url))
         self._store = CountingStore(open_store(uri, endpoint_url=endpoint_url))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="framekv-read")
+        # window reads in parallel only where a read waits on the network: from a local disk
+        # (page-cache copies) thread handoffs cost more than they save (bench/query.py --service)
+        self._map = self._pool.map if uri.startswith("s3://") else None
         self._lock = threading.RLock()
         self._backbones: dict[str, object] = {}  # model spec -> Backbone
         self._readers: OrderedDict[str, tuple[VideoRow, list[WindowReader]]] = OrderedDict()  # by video_id, LRU
@@ -370,22 +376,28 @@ class Index:
                 row = self._resolve(video)
                 readers = self._open([row])[row.video_id]
                 t1 = t2 = time.perf_counter()
-                candidates = 1
+                candidates, scores = 1, None
             else:
                 ranked = self._candidates(question, contexts, LIBRARY_CANDIDATES)
                 opened = self._open(ranked)
                 t1 = time.perf_counter()
-                relevance = [score_frames(self._backbone(v.model_fp), opened[v.video_id],
-                                          self._context(question, v.model_fp, contexts), score).relevance
-                             for v in ranked]
-                row = ranked[int(np.argmax(relevance))]  # ties: the vector search's order
+                ranking = []
+                for v in ranked:
+                    n = sum(r.frames for r in opened[v.video_id])
+                    keep = min(k or DEFAULT_K, n) if (score, answer) == ("exact", "cached") else 0  # as `ask` keeps
+                    ranking.append(score_frames(self._backbone(v.model_fp), opened[v.video_id],
+                                                self._context(question, v.model_fp, contexts), score, keep=keep,
+                                                map=self._map))
+                best = int(np.argmax([s.relevance for s in ranking]))  # ties: the vector search's order
+                row, scores = ranked[best], ranking[best]  # the answer reuses the winner's scores
                 readers, candidates = opened[row.video_id], len(ranked)
                 t2 = time.perf_counter()
             frames = sum(r.frames for r in readers)
             if k is not None and k > frames:
                 raise QueryError(f"k={k}: video {row.uri} ({row.video_id[:12]}) has only {frames} frames")
             result = ask(self._backbone(row.model_fp), readers, self._context(question, row.model_fp, contexts),
-                         min(k or DEFAULT_K, frames), score, answer, generation)
+                         min(k or DEFAULT_K, frames), score, answer, generation, scores=scores,
+                         map=self._map)
             timings = {"open": t1 - t0, "rank": t2 - t1, **{n: result.timings[n] for n in ("score", "read", "answer")},
                        "total": time.perf_counter() - t0}
             return AskResult(question, IndexedVideo.from_row(row), result, candidates, self.reads - before, timings)
@@ -413,7 +425,7 @@ class Index:
             moments = []
             for v in ranked:
                 s = score_frames(self._backbone(v.model_fp), opened[v.video_id],
-                                 self._context(query, v.model_fp, contexts), "fast")
+                                 self._context(query, v.model_fp, contexts), "fast", map=self._map)
                 info = IndexedVideo.from_row(v)
                 moments += [Moment(info, float(t), float(r), int(w), int(j))
                             for t, r, w, j in zip(s.times, s.relative, s.window, s.frame)]

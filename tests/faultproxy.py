@@ -243,6 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out in separate writes: without TCP_NODELAY, Nagle holds the
+        # body until the client's delayed ACK (~40 ms), which would swamp `delay`.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.proxy = self.server.proxy
         self.upstream: http.client.HTTPConnection | None = None
         self.proxy._track(self.connection, open_=True)

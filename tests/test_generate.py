@@ -432,3 +432,66 @@ def test_exact_question_reads_each_window_once(llava_dir):
     keys, values = read_selected_kv(fresh, best)
     assert all(torch.equal(a, b) for a, b in zip(got_keys + got_values, keys + values))
 
+
+
+# ---- reads through a pool's `map`; scores reused from a ranking -------------------------
+
+
+@pytest.mark.parametrize("score_mode, answer_mode", [("fast", "cached"), ("exact", "cached"), ("fast", "reencode")])
+@torch.no_grad()
+def test_ask_through_a_pool_and_with_given_scores_answers_the_same(score_mode, answer_mode):
+    """ask(map=pool.map) and ask(scores=score_frames(...)) give the sequential answer bit
+    for bit (tokens, frames, scores); with scores given nothing is scored again: the
+    readers see only the reads of the selected frames (none when `exact` kept them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_qccomp import counted_readers
+
+    from model.encoder import WindowEncoder
+    from model.config import IndexConfig
+
+    # three fast layers of 16-frame windows: score keys past the header read, so scoring costs reads
+    enc = WindowEncoder("tiny", IndexConfig(window=16, compression=ON, fast_layers=(1, 2, 3)))
+    bb = enc.backbone
+    cfg = GenerateConfig(max_new_tokens=4)
+    k = 5
+    readers, _ = counted_readers(enc, 40, seed=15)
+    ctx = QuestionContext.build(bb, QUESTION["tiny"])
+    ref = ask(bb, readers, ctx, k, score_mode, answer_mode, cfg)
+
+    def same(a) -> None:
+        assert a.token_ids == ref.token_ids and a.text == ref.text
+        for name in ("times", "window", "frame", "scores"):
+            assert np.array_equal(getattr(a, name), getattr(ref, name)), name
+
+    with ThreadPoolExecutor(4) as pool:
+        fresh, _ = counted_readers(enc, 40, seed=15)
+        pooled = ask(bb, fresh, ctx, k, score_mode, answer_mode, cfg, map=pool.map)
+        same(pooled)
+        assert pooled.bytes_read == ref.bytes_read
+        picked = score_frames(bb, fresh, ctx, score_mode).top_k(k)
+        got = read_selected_kv(fresh, picked, map=pool.map)
+        want = read_selected_kv(fresh, picked)
+        assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
+        assert torch.equal(read_selected_embeddings(fresh, picked, map=pool.map),
+                           read_selected_embeddings(fresh, picked))
+
+    fresh, ranges = counted_readers(enc, 40, seed=15)
+    keep = k if (score_mode, answer_mode) == ("exact", "cached") else 0
+    scores = score_frames(bb, fresh, ctx, score_mode, keep=keep)
+    scored = [list(rr.calls) for rr in ranges]
+    assert all(len(calls) >= 2 for calls in scored)  # header, then score keys or K/V: re-scoring would show
+    reused = ask(bb, fresh, ctx, k, score_mode, answer_mode, cfg, scores=scores)
+    same(reused)
+    answer_reads = [rr.calls[len(before):] for rr, before in zip(ranges, scored)]
+    if keep:
+        assert answer_reads == [[]] * len(ranges)  # the K/V scoring kept: nothing read again
+    else:  # what reading the selected frames alone costs on readers that only read their headers
+        alone, alone_ranges = counted_readers(enc, 40, seed=15)
+        headers = [len(rr.calls) for rr in alone_ranges]
+        read = read_selected_kv if answer_mode == "cached" else read_selected_embeddings
+        read(alone, scores.top_k(k))
+        assert answer_reads == [rr.calls[h:] for rr, h in zip(alone_ranges, headers)]
+        assert sum(map(len, answer_reads)) > 0
+    with pytest.raises(ValueError, match="scores of 16 frames given for readers of 40 frames"):
+        ask(bb, fresh, ctx, k, score_mode, answer_mode, cfg, scores=score_frames(bb, fresh[:1], ctx, score_mode))

@@ -302,3 +302,58 @@ def test_prefix_kv_is_computed_once_per_model_and_equals_recomputation(llava_dir
     replaced = QuestionContext.build(bb, QUESTION["tiny"]).prefix_past
     assert all(torch.equal(a.keys, b.keys) for a, b in zip(replaced, Prefix.compute(bb).past))
     assert not torch.equal(replaced[0].keys, changed[0].keys)
+
+
+# ---- per-window reads through a `map` (a thread pool's) -----------------------------
+
+
+def counted_readers(encoder: WindowEncoder, frames: int, seed: int):
+    """Window objects of random frames, read through recording ranges (as S3 range GETs
+    would be) with the header digest a catalog would give: (readers, their ranges)."""
+    from tests.test_kvcache import CountingRange
+    from model.kvcache import WindowReader, header_digest
+
+    rng = np.random.default_rng(seed)
+    h, w = encoder.image_size
+    size = encoder.cfg.window
+    pixels = rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+    objects = encoder.encode([WindowInput(pixels[i : i + size], np.arange(i, min(i + size, frames)) + 0.5,
+                                          float(frames), i // size) for i in range(0, frames, size)])
+    ranges = [CountingRange(o.blob) for o in objects]
+    readers = [WindowReader(rr, f"w{i:06d}", size=len(rr.blob), header_sha256=header_digest(rr.blob))
+               for i, rr in enumerate(ranges)]
+    return readers, ranges
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+@torch.no_grad()
+def test_window_reads_through_a_pool_equal_the_sequential_ones(quant, llava_dir):
+    """score_frames(map=pool.map): the same scores and kept K/V, bit for bit, from the
+    same range reads, run on the pool's threads, one `map` call per batch of windows."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    enc = make_encoder("tiny", ON, window=4, llava_dir=llava_dir, quant=quant)
+    bb = enc.backbone
+    calls, threads = [], set()
+
+    with ThreadPoolExecutor(4, thread_name_prefix="test-read") as pool:
+        def pool_map(fn, items):
+            items = list(items)
+            calls.append(len(items))
+            return pool.map(lambda r: (threads.add(threading.current_thread().name), fn(r))[1], items)
+
+        for mode, keep in (("fast", 0), ("exact", 5)):
+            seq_readers, seq_ranges = counted_readers(enc, 19, seed=21)  # 5 windows, the last of 3 frames
+            par_readers, par_ranges = counted_readers(enc, 19, seed=21)
+            calls.clear()
+            seq = score_frames(bb, seq_readers, QUESTION["tiny"], mode, batch_windows=2, keep=keep)
+            par = score_frames(bb, par_readers, QUESTION["tiny"], mode, batch_windows=2, keep=keep, map=pool_map)
+            assert calls == [2, 2, 1], mode  # a map call per batch, a read per window
+            for name in ("window", "frame", "times", "scores", "window_frames"):
+                assert np.array_equal(getattr(seq, name), getattr(par, name)), (mode, name)
+            assert set(par.kept) == set(seq.kept) and len(seq.kept) == keep
+            assert all(torch.equal(a, b) for wj in seq.kept for a, b in zip(seq.kept[wj][0] + seq.kept[wj][1],
+                                                                          par.kept[wj][0] + par.kept[wj][1]))
+            assert [rr.calls for rr in par_ranges] == [rr.calls for rr in seq_ranges], mode
+    assert threads and all(t.startswith("test-read") for t in threads)

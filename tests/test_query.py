@@ -236,3 +236,41 @@ def test_s3_index_answers_as_the_local_one(indexed, s3_bucket):
             [m.to_dict() for m in local.search(q.question, top=4)]
     with pytest.raises(IndexNotFound, match="no index at"):
         Index(f"s3://{s3_bucket}/elsewhere")
+
+
+def test_library_question_scores_the_winning_video_once(tmp_path, tiny):
+    """A warm library question reads each candidate's score keys once: the winner's
+    GETs are those of asking it directly (scoring + the answer's frames), the others'
+    their scoring; the answer equals `model.ask` over the same readers, sequential and
+    scored afresh (the old path). Three fast layers: score keys past the header read, so
+    scoring costs GETs that a second scoring would show."""
+    from bench.query import build_video, write_index
+    from pipeline.query import CountingStore
+
+    index = str(tmp_path / "index")
+    ids = [write_index(index, build_video(tiny, n, (1, 2, 3), seed=i), f"clip_{i:03d}")
+           for i, n in enumerate((128, 64))]
+    question, k = "what colour is the star ?", 6
+    with Index(index) as ix:
+        ix.ask(question, k=k)  # opens both videos: headers
+        library = ix.ask(question, k=k)
+        winner = library.video.video_id
+        direct = ix.ask(question, video=winner, k=k)
+    assert library.candidates == 2 and library.reads.header_gets == direct.reads.header_gets == 0
+
+    catalog, counted = Catalog(index), CountingStore(open_store(index))
+    rows = {v.video_id: v for v in catalog.serving_videos()}
+    readers = {v: readers_for(catalog, counted, rows[v]) for v in ids}  # headers read here
+    scoring = {}
+    for v in ids:
+        before = counted.stats
+        score_frames(tiny, readers[v], question)
+        scoring[v] = (counted.stats - before).gets
+    assert all(g >= rows[v].windows for v, g in scoring.items())  # a GET a window at least
+    loser = next(v for v in ids if v != winner)
+    assert library.reads.gets == direct.reads.gets + scoring[loser]  # the old path: + scoring[winner]
+
+    ref = ask(tiny, readers[winner], question, k=k)
+    assert library.answer.token_ids == direct.answer.token_ids == ref.token_ids
+    for name in ("times", "scores", "window", "frame"):
+        assert np.array_equal(getattr(library.answer, name), getattr(ref, name)), name
