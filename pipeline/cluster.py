@@ -1,4 +1,5 @@
-"""Refuse a Ray cluster run whose local paths are not the same on every node.
+"""Joining a Ray cluster (`connect_ray`), and refusing a cluster run whose local paths
+are not the same on every node.
 
 A local source or index works on a cluster only when every node that runs framekv's
 tasks sees the same filesystem at that path (NFS, a shared volume mounted at the same
@@ -34,6 +35,7 @@ import os
 import secrets
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -282,3 +284,20 @@ def _index_marker(index: str | None) -> Iterator[tuple[str, str]]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join `address` (auto, ray://host:port), or start a local Ray of `num_cpus` CPUs,
+    unless this process is connected already; True when this call connected (the caller
+    disconnects after)."""
+    if ray.is_initialized():
+        return False
+    # Ray forks helper processes that exec at once; lancedb's fork warning does not apply
+    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
+    if address:  # a job's or cluster's runtime env applies as it is
+        ray.init(address=address, log_to_driver=False)
+        return True
+    # "local": always a new instance, never a cluster someone else started on this machine
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    return True

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
@@ -43,7 +42,7 @@ import ray
 
 from model.config import IndexConfig
 from pipeline.catalog import Catalog, VideoRow
-from pipeline.cluster import check_shared_paths
+from pipeline.cluster import check_shared_paths, connect_ray
 from pipeline.lease import Lease, default_owner
 from pipeline.report import RunReport
 from pipeline.retry import PERMANENT, RetryPolicy
@@ -117,7 +116,7 @@ def ingest(cfg: IngestConfig, lease: Lease | None = None) -> RunReport:
     if cfg.prune and not sources:
         raise PruneRefused(f"{cfg.source}: lists no videos; refusing to prune the whole index "
                            "(an unmounted share or a wrong prefix?)")
-    own_ray = connect_ray(cfg) if cfg.address else False  # a local Ray starts only if there is work
+    own_ray = connect_ray(cfg.address, cfg.num_cpus) if cfg.address else False  # a local Ray starts only if there is work
     selection, own_lease = None, None
     try:
         if ray.is_initialized():  # joined here or by the caller: local paths must be shared by its nodes
@@ -141,7 +140,7 @@ def ingest(cfg: IngestConfig, lease: Lease | None = None) -> RunReport:
         try:
             if selection.todo:
                 report.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
-                own_ray = connect_ray(cfg) or own_ray
+                own_ray = connect_ray(cfg.address, cfg.num_cpus) or own_ray
                 _run_pipeline(cfg, selection, catalog, model_fp, image_size, report, {s.uri for s in sources},
                               lease.ensure_held)
             if prune_prefix is not None:
@@ -297,21 +296,6 @@ def _model_identity(cfg: IngestConfig) -> tuple[str, str, tuple[int, int]]:
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0):
         return ray.get(ray.remote(num_gpus=1)(_identity).remote(cfg.model, cfg.index_cfg, cfg.trust_remote_code))
     return _identity(cfg.model, cfg.index_cfg, cfg.trust_remote_code)
-
-
-def connect_ray(cfg: IngestConfig) -> bool:
-    """Join `cfg.address`, or start a local Ray; True when this call connected (ingest disconnects after)."""
-    if ray.is_initialized():
-        return False
-    # Ray forks helper processes that exec at once; lancedb's fork warning does not apply
-    warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
-    if cfg.address:  # a job's or cluster's runtime env applies as it is
-        ray.init(address=cfg.address, log_to_driver=False)
-        return True
-    # "local": always a new instance, never a cluster someone else started on this machine
-    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
-    return True
 
 
 def _encode_resources(cfg: IngestConfig) -> tuple[int, dict]:

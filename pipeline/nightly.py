@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from model.config import CompressionConfig, IndexConfig, SamplingConfig
 from pipeline.catalog import Catalog
 from pipeline.erase import cleanup_index
-from pipeline.ingest import IngestConfig, PruneRefused, connect_ray, ingest
+from pipeline.cluster import connect_ray
+from pipeline.ingest import IngestConfig, PruneRefused, ingest
 from pipeline.lease import Lease, default_owner
 from pipeline.store import open_store
 
@@ -228,8 +229,7 @@ def _join_ray(cfg: NightlyConfig) -> bool:
     """Join the configured cluster, or the job's (`ray job submit` sets RAY_ADDRESS), or
     start one local Ray for every source; True when this call connected."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    return connect_ray(IngestConfig(source=cfg.sources[0], index=cfg.index, address=address,
-                                    num_cpus=cfg.ray.num_cpus))
+    return connect_ray(address, cfg.ray.num_cpus)
 
 
 def _ingest_all(cfg: NightlyConfig, lease: Lease, report: NightlyReport, progress: bool) -> None:

@@ -24,9 +24,11 @@ selected frames), so on S3 a question waits about one round trip per batch of wi
 Library questions (no video) cover every ready video, each under the model that serves
 it (`Catalog.serving_videos`): the catalog's frame-vector search, per model with that
 model's question vector (pooled pre-RoPE queries of the layer the frame vectors were
-made from), picks candidate videos; QC scoring of their cached keys ranks them
-(`FrameScores.relevance`) and the best is answered from the scores that ranked it
-(not scored twice). `search` ranks moments (video, time)
+made from), picks candidate videos; QC scoring of their cached K/V ranks them, and the
+best is answered. The ranking is `model.calibrate.subject_relevance` where the word
+frequencies of the model's training questions are known (the tiny model): `exact`
+scores of the question's rare words, which must all point at one frame; otherwise
+`FrameScores.relevance`, whose scores the answer then reuses (not scored twice). `search` ranks moments (video, time)
 the same way: candidates from the vector search, every frame of theirs scored by
 QC-Comp (`fast`), best `relative` score first.
 
@@ -52,10 +54,11 @@ import torch
 
 from model.ask import ANSWER_MODES, ask
 from model.backbone import load_backbone
+from model.calibrate import subject_relevance, training_word_frequency
 from model.encoder import frame_vector_layer, query_vector
 from model.generate import Answer, GenerateConfig
 from model.kvcache import WindowReader
-from model.qccomp import SCORE_MODES, QuestionContext, question_queries, score_frames
+from model.qccomp import SCORE_MODES, FrameScores, QuestionContext, question_queries, score_frames
 from pipeline.catalog import Catalog, VideoRow, WindowRow
 from pipeline.erase import MIN_PREFIX, check_video_filter
 from pipeline.store import open_store
@@ -381,15 +384,9 @@ class Index:
                 ranked = self._candidates(question, contexts, LIBRARY_CANDIDATES)
                 opened = self._open(ranked)
                 t1 = time.perf_counter()
-                ranking = []
-                for v in ranked:
-                    n = sum(r.frames for r in opened[v.video_id])
-                    keep = min(k or DEFAULT_K, n) if (score, answer) == ("exact", "cached") else 0  # as `ask` keeps
-                    ranking.append(score_frames(self._backbone(v.model_fp), opened[v.video_id],
-                                                self._context(question, v.model_fp, contexts), score, keep=keep,
-                                                map=self._map))
-                best = int(np.argmax([s.relevance for s in ranking]))  # ties: the vector search's order
-                row, scores = ranked[best], ranking[best]  # the answer reuses the winner's scores
+                ranking = [self._rank(v, opened[v.video_id], question, contexts, k, score, answer) for v in ranked]
+                best = int(np.argmax([r for r, _ in ranking]))  # ties: the vector search's order
+                row, scores = ranked[best], ranking[best][1]  # the answer reuses the winner's scores, if any
                 readers, candidates = opened[row.video_id], len(ranked)
                 t2 = time.perf_counter()
             frames = sum(r.frames for r in readers)
@@ -401,6 +398,21 @@ class Index:
             timings = {"open": t1 - t0, "rank": t2 - t1, **{n: result.timings[n] for n in ("score", "read", "answer")},
                        "total": time.perf_counter() - t0}
             return AskResult(question, IndexedVideo.from_row(row), result, candidates, self.reads - before, timings)
+
+    def _rank(self, video: VideoRow, readers: list[WindowReader], question: str, contexts: dict, k: int | None,
+              score: str, answer: str) -> tuple[float, FrameScores | None]:
+        """(relevance of `video` to a library question, its scores if the answer can reuse
+        them). With the word frequencies of the model's training questions the calibrated
+        `subject_relevance` (model/calibrate.py: the question's rare words must meet in one
+        frame; docs/BENCHMARKS.md "Library"), else `FrameScores.relevance`."""
+        bb, ctx = self._backbone(video.model_fp), self._context(question, video.model_fp, contexts)
+        freq = training_word_frequency(bb)
+        if freq is not None:
+            return subject_relevance(bb, readers, ctx, freq), None
+        n = sum(r.frames for r in readers)
+        keep = min(k or DEFAULT_K, n) if (score, answer) == ("exact", "cached") else 0  # as `ask` keeps
+        scores = score_frames(bb, readers, ctx, score, keep=keep, map=self._map)
+        return scores.relevance, scores
 
     def search(self, query: str, top: int = 10, where: str | None = None) -> list[Moment]:
         """The `top` moments of the library best matching `query`, best first; `where`: a

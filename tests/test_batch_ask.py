@@ -1,4 +1,4 @@
-"""The batch-questions job (jobs/ask.py): every answer equals `Index.ask` for the same
+"""The batch-questions job (pipeline/batch.py, `python -m jobs.ask`): every answer equals `Index.ask` for the same
 question, bad rows are error rows, and each video's questions read every byte range
 once: the GETs of a video are one question's header and score-key reads plus the
 distinct frame reads of its answers, however many questions it gets. In process on a
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.query import build_video, write_index
-from jobs.ask import AskOptions, BatchConfig, ask_batch, read_report
+from pipeline.batch import AskOptions, BatchConfig, ask_batch, read_report
 from model.backbone import load_backbone
 from model.qccomp import score_frames
 from model.synth import COLOURS, SHAPES
@@ -245,7 +245,7 @@ def test_exact_scoring_reads_each_window_once(local_ray, small_index, tmp_path):
 
 def test_memo_holds_at_most_its_bytes():
     """Past `max_bytes` the least recently used range goes, and is read again."""
-    from jobs.ask import MemoRanges
+    from pipeline.batch import MemoRanges
 
     class Store:
         gets = 0

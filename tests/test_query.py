@@ -19,7 +19,8 @@ from jobs.cli import main
 from jobs.sample_archive import write_sample_archive
 from model.ask import ask
 from model.backbone import load_backbone
-from model.qccomp import score_frames
+from model.calibrate import subject_relevance, training_word_frequency
+from model.qccomp import QuestionContext, score_frames
 from pipeline.catalog import Catalog, VideoRow
 from pipeline.query import MAX_QUESTION_CHARS, readers_for, resolve_video
 from pipeline.store import open_store
@@ -90,7 +91,9 @@ def test_library_question_answers_the_best_scoring_video(indexed, tiny, capsys):
 
     catalog, store = Catalog(index), open_store(index)
     videos = catalog.serving_videos()
-    relevance = [score_frames(tiny, readers_for(catalog, store, v), q.question).relevance for v in videos]
+    freq = training_word_frequency(tiny)  # the tiny model's: the calibrated ranking
+    relevance = [subject_relevance(tiny, readers_for(catalog, store, v), QuestionContext.build(tiny, q.question), freq)
+                 for v in videos]
     best = videos[int(np.argmax(relevance))]
     ref = ask(tiny, readers_for(catalog, store, best), q.question, k=4)
     assert out["video"]["video_id"] == best.video_id and out["candidates"] == len(videos) == len(SECONDS)
@@ -238,8 +241,9 @@ def test_s3_index_answers_as_the_local_one(indexed, s3_bucket):
         Index(f"s3://{s3_bucket}/elsewhere")
 
 
-def test_library_question_scores_the_winning_video_once(tmp_path, tiny):
-    """A warm library question reads each candidate's score keys once: the winner's
+def test_library_question_scores_the_winning_video_once(tmp_path, tiny, monkeypatch):
+    """Ranked by `FrameScores.relevance` (a model without training word frequencies), a
+    warm library question reads each candidate's score keys once: the winner's
     GETs are those of asking it directly (scoring + the answer's frames), the others'
     their scoring; the answer equals `model.ask` over the same readers, sequential and
     scored afresh (the old path). Three fast layers: score keys past the header read, so
@@ -247,6 +251,7 @@ def test_library_question_scores_the_winning_video_once(tmp_path, tiny):
     from bench.query import build_video, write_index
     from pipeline.query import CountingStore
 
+    monkeypatch.setattr("pipeline.query.training_word_frequency", lambda backbone: None)
     index = str(tmp_path / "index")
     ids = [write_index(index, build_video(tiny, n, (1, 2, 3), seed=i), f"clip_{i:03d}")
            for i, n in enumerate((128, 64))]
