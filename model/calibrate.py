@@ -11,7 +11,7 @@
 nothing about the question's subject. The calibrations below need each word's score
 apart, which `score_frames` does not expose: `word_scores` is `score_frames` (`fast` or
 `exact`) with the mean over question words left out (the same hidden states, keys and
-positions, through model/qccomp.py's helpers).
+positions: model/qccomp.py's `fast_batch_scores` / `exact_batch_scores` with `per_word`).
 
 What ranks a library best (bench/library.py, 48 videos): `subject_relevance`, the
 `exact` score at the first scoring layer of the question's rare words (a
@@ -26,12 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from model.config import default_score_layers
-from model.decoder import extend, layer_step, positions_for
 from model.kvcache import WindowReader
-from model.qccomp import SCORE_MODES, QuestionContext, check_readers, question_hidden, video_past
+from model.qccomp import SCORE_MODES, QuestionContext, exact_batch_scores, fast_batch_scores, check_readers, question_hidden
 
 
 @dataclass(frozen=True)
@@ -45,45 +43,6 @@ class WordScores:
     def relative(self) -> np.ndarray:
         """[N, R] against a uniform share of the window, as `FrameScores.relative`."""
         return self.scores * self.window_frames[:, None]
-
-
-def _word_frame_means(probs: Tensor, p: int, f_max: int, n: int) -> Tensor:
-    """probs [B, H, R, S] over [prefix | F_max x n frame tokens | ...] -> [B, F_max, R]:
-    mean over heads and the frame's tokens (model/qccomp.py's `_frame_means` without the
-    mean over question rows)."""
-    frames = probs[..., p : p + f_max * n].reshape(*probs.shape[:3], f_max, n)
-    return frames.mean(dim=(1, 4)).transpose(1, 2)
-
-
-def _fast_batch(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
-                hidden: dict[int, Tensor]) -> Tensor:
-    """[B, F_max, R] per-word scores of a batch of windows from their cached fast-layer keys."""
-    f_max = max(r.frames for r in readers)
-    stored = [r.score_keys_for(list(hidden)) for r in readers]
-    total = 0
-    for l, h in hidden.items():
-        keys = [s[l] for s in stored]
-        past = video_past(backbone, ctx.prefix_past[l], keys)
-        h = h.expand(len(readers), -1, -1)
-        valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        res = layer_step(backbone.decoder, l, h, positions_for(valid, past.length), valid, past,
-                         prob_rows=ctx.user_rows)
-        total = total + _word_frame_means(res.probs, ctx.prefix_len, f_max, keys[0].shape[1])
-    return total
-
-
-def _exact_batch(backbone, ctx: QuestionContext, readers: Sequence[WindowReader],
-                 layers: tuple[int, ...]) -> Tensor:
-    """[B, F_max, R] per-word scores of a batch of windows, the question prefilled against
-    their K/V up to the last of `layers`."""
-    kvs = [r.window_kv() for r in readers]
-    past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
-            for l in range(max(layers) + 1)]
-    q = ctx.question_embs[None].expand(len(readers), -1, -1)
-    res = extend(backbone.decoder, q, past=past, layers=range(max(layers) + 1),
-                 prob_rows=ctx.user_rows, prob_layers=layers)
-    f_max = max(r.frames for r in readers)
-    return sum(_word_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in layers)
 
 
 @torch.inference_mode()
@@ -107,7 +66,11 @@ def word_scores(backbone, readers: Sequence[WindowReader], ctx: QuestionContext,
     out: list[np.ndarray] = []
     for start in range(0, len(readers), batch_windows):
         batch = readers[start : start + batch_windows]
-        s = _fast_batch(backbone, ctx, batch, hidden) if mode == "fast" else _exact_batch(backbone, ctx, batch, layers)
+        frames = [r.frames for r in batch]
+        if mode == "fast":
+            s = fast_batch_scores(backbone, ctx, [r.score_keys_for(list(hidden)) for r in batch], frames, hidden, True)
+        else:
+            s = exact_batch_scores(backbone, ctx, [r.window_kv() for r in batch], frames, layers, True)
         out += [s[i, : r.frames].double().cpu().numpy() for i, r in enumerate(batch)]
     return WordScores(np.concatenate(out), np.concatenate([np.full(r.frames, r.frames) for r in readers]))
 

@@ -215,17 +215,19 @@ def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tenso
     return prefix.cat(LayerKV(k, v, valid))
 
 
-def _frame_means(probs: Tensor, p: int, f_max: int, n: int) -> Tensor:
+def _frame_means(probs: Tensor, p: int, f_max: int, n: int, per_word: bool = False) -> Tensor:
     """probs [B, H, R, S] over [prefix | F_max x n frame tokens | ...] -> [B, F_max]:
-    mean over heads, question rows and the frame's tokens."""
+    mean over heads, question rows and the frame's tokens; per_word: [B, F_max, R], the
+    question rows kept apart (model/calibrate.py)."""
     frames = probs[..., p : p + f_max * n].reshape(*probs.shape[:3], f_max, n)
-    return frames.mean(dim=(1, 2, 4))
+    return frames.mean(dim=(1, 4)).transpose(1, 2) if per_word else frames.mean(dim=(1, 2, 4))
 
 
-def _score_exact(backbone, ctx: QuestionContext, kvs: list, frames: list[int],
-                 score_layers: tuple[int, ...]) -> Tensor:
-    """[B, F_max] scores of a batch of windows (question prefilled against their K/V).
-    kvs[i]: window i's (keys, values) per layer [F_i, n(l), kvh, hd]; frames[i] = F_i."""
+def exact_batch_scores(backbone, ctx: QuestionContext, kvs: list, frames: list[int],
+                 score_layers: tuple[int, ...], per_word: bool = False) -> Tensor:
+    """[B, F_max] scores of a batch of windows (question prefilled against their K/V),
+    [B, F_max, R] per_word. kvs[i]: window i's (keys, values) per layer [F_i, n(l), kvh,
+    hd]; frames[i] = F_i."""
     last = max(score_layers)
     past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
             for l in range(last + 1)]
@@ -233,7 +235,8 @@ def _score_exact(backbone, ctx: QuestionContext, kvs: list, frames: list[int],
     res = extend(backbone.decoder, q, past=past, layers=range(last + 1),
                  prob_rows=ctx.user_rows, prob_layers=score_layers)
     f_max = max(frames)
-    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1]) for l in score_layers)
+    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1], per_word)
+               for l in score_layers)
 
 
 def _window_kv(reader: WindowReader) -> tuple[list[Tensor], list[Tensor]]:
@@ -307,10 +310,11 @@ def question_queries(backbone, question: str | QuestionContext, layer: int) -> T
     return attn.q_proj(x).view(len(h), -1, attn.head_dim)
 
 
-def _score_fast(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]], frames: list[int],
-                hidden: dict[int, Tensor]) -> Tensor:
-    """[B, F_max] scores of a batch of windows from their cached keys of the fast layers.
-    stored[i]: window i's keys per fast layer [F_i, n(l), kvh, hd]; frames[i] = F_i."""
+def fast_batch_scores(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]], frames: list[int],
+                hidden: dict[int, Tensor], per_word: bool = False) -> Tensor:
+    """[B, F_max] scores of a batch of windows from their cached keys of the fast layers,
+    [B, F_max, R] per_word. stored[i]: window i's keys per fast layer [F_i, n(l), kvh,
+    hd]; frames[i] = F_i."""
     total = 0
     f_max = max(frames)
     for l, h in hidden.items():
@@ -320,7 +324,7 @@ def _score_fast(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]],
         valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
         out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length), valid, past,
                          prob_rows=ctx.user_rows)
-        total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1])
+        total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1], per_word)
     return total
 
 
@@ -367,9 +371,9 @@ def score_frames(
     for b, (batch, got) in enumerate(zip(batches, _read_batches(batches, read, map or builtins.map))):
         frames = [r.frames for r in batch]
         if mode == "exact":
-            s = _score_exact(backbone, ctx, got, frames, score_layers)
+            s = exact_batch_scores(backbone, ctx, got, frames, score_layers)
         else:
-            s = _score_fast(backbone, ctx, got, frames, hidden)
+            s = fast_batch_scores(backbone, ctx, got, frames, hidden)
         new = [s[i, :f].double().cpu().numpy() for i, f in enumerate(frames)]
         if best is not None:
             best.offer(rows, b * batch_windows, new, got)
