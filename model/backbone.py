@@ -8,7 +8,10 @@
 
 Device and dtype are chosen at run time: CUDA + bf16 when available, else CPU fp32.
 Families: `tiny` (model/tiny.py) and `llava_onevision` (LlavaOnevisionForConditionalGeneration,
-Qwen2 text decoder; frame patch features are average-pooled to n0 tokens).
+Qwen2 text decoder), run as transformers runs a video: the video processor's normalisation,
+the model's own `get_video_features` (bilinear pooling of the g x g patch grid to
+ceil(g/2) x ceil(g/2), so n0 = 196 at 384 px with 14 px patches) and its `image_newline`
+once after the last frame (`LlavaOnevisionBackbone`).
 
 A checkpoint's own Python code (`auto_map` in its configs) runs only with
 `load_backbone(spec, trust_remote_code=True)`, which only the user's `--trust-remote-code`
@@ -23,11 +26,11 @@ import hashlib
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 TINY_DIR = Path(__file__).parent / "checkpoints" / "tiny"
@@ -132,42 +135,109 @@ def question_template(tokenizer) -> tuple[str, str, str]:
     return "<|im_start|>user\n", "\n", "<|im_end|>\n<|im_start|>assistant\n"
 
 
-class LlavaOnevisionBackbone(Backbone):
-    """LLaVA-OneVision / LLaVA-Video: SigLIP tower + projector + Qwen2 decoder."""
+@dataclass(frozen=True)
+class VideoPreprocess:
+    """What LlavaOnevisionVideoProcessor does to frames, from the checkpoint's processor config.
 
-    def __init__(self, model, tokenizer, model_id: str, revision: str, n0: int = 16,
-                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+    framekv decodes frames at the processor's (height, width) already, so its bicubic
+    resize is the identity and only the rescale + normalisation remain, computed as
+    transformers' fused `rescale_and_normalize` does (mean and std divided by the rescale
+    factor, then (x - mean) / std in float32). The processor class itself needs
+    torchvision, which framekv does not depend on; its defaults and file lookup are used.
+    """
+
+    size: tuple[int, int]  # (H, W)
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> VideoPreprocess:
+        """The processor config transformers would load for `path` (processor_config.json's
+        video_processor, else video_preprocessor_config.json, else preprocessor_config.json),
+        over LlavaOnevisionVideoProcessor's class defaults."""
+        # the module itself: transformers' top-level name is a placeholder without torchvision
+        from transformers.models.llava_onevision.video_processing_llava_onevision import (
+            LlavaOnevisionVideoProcessor as P)
+
+        try:
+            raw, _ = P.get_video_processor_dict(path)
+        except OSError as e:
+            raise ValueError(f"model {path!r} has no video processor config (processor_config.json, "
+                             "video_preprocessor_config.json or preprocessor_config.json): its frame "
+                             f"normalisation is unknown ({e})") from None
+        keys = ("size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+        cfg = {k: getattr(P, k) for k in keys} | {k: raw[k] for k in keys if k in raw}
+        size = cfg["size"]
+        if set(size) != {"height", "width"}:
+            raise ValueError(f"model {path!r}: video processor size {size} is not {{height, width}}, "
+                             "the only form LLaVA-OneVision's video path uses")
+        return cls(size=(int(size["height"]), int(size["width"])), do_rescale=bool(cfg["do_rescale"]),
+                   rescale_factor=float(cfg["rescale_factor"]), do_normalize=bool(cfg["do_normalize"]),
+                   mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]))
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        """uint8 [F, H, W, 3] RGB at `size` -> float32 pixel values [F, 3, H, W]."""
+        x = frames.permute(0, 3, 1, 2).to(torch.float32)
+        if self.do_normalize:
+            scale = 1.0 / self.rescale_factor if self.do_rescale else 1.0
+            mean = (torch.tensor(self.mean, device=x.device) * scale).view(1, -1, 1, 1)
+            std = (torch.tensor(self.std, device=x.device) * scale).view(1, -1, 1, 1)
+            return (x - mean) / std
+        return x * self.rescale_factor if self.do_rescale else x
+
+
+class LlavaOnevisionBackbone(Backbone):
+    """LLaVA-OneVision / LLaVA-Video: SigLIP tower + projector + Qwen2 decoder, video path.
+
+    Token layout, as transformers' processor and forward build it for one video of F frames:
+    `prefix | F x n0 frame tokens | image_newline | question`. n0 = ceil(g/2)^2 for the
+    vision tower's g x g patch grid (g = image_size // patch_size). The newline is one
+    learned embedding per video, after the last frame, so it is not a frame token: it
+    travels with the question as the `<video>` placeholder id that `question_ids` puts
+    first and `embed_ids` replaces by `image_newline`, exactly as transformers scatters
+    video features over the placeholder ids. The selected frames of an answer are the
+    video it follows.
+    """
+
+    def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess: VideoPreprocess):
         super().__init__()
-        grid = math.isqrt(n0)
-        if grid * grid != n0:
-            raise ValueError(f"n0 must be a square number of tokens per frame, got {n0}")
         self.vlm = model
         self.decoder = model.model.language_model
         self.lm_head = model.lm_head
         self.tokenizer = tokenizer
-        self.model_id, self.revision, self.n0, self.grid = model_id, revision, n0, grid
-        size = model.config.vision_config.image_size
-        self.image_size = (size, size)
-        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
+        vc = model.config.vision_config
+        if preprocess.size != (vc.image_size, vc.image_size):
+            raise ValueError(f"model {model_id}: video processor size {preprocess.size} differs from the vision "
+                             f"tower's {vc.image_size} x {vc.image_size}; transformers' pooling needs them equal")
+        grid = vc.image_size // vc.patch_size
+        self.pooled_grid = (math.ceil(grid / 2), math.ceil(grid / 2))  # as LlavaOnevisionModel.apply_pooling
+        self.n0 = self.pooled_grid[0] * self.pooled_grid[1]
+        self.image_size = preprocess.size
+        self.video_token_id = model.config.video_token_id
         self._prefix, self._before, self._after = question_template(tokenizer)
 
     def embed_frames(self, frames, times, duration: float) -> Tensor:
+        """transformers' `get_video_features` over the window's frames, its trailing
+        image_newline left to the question: -> [F, n0, D], pooled grid row-major."""
         frames, _ = self.check_frames(frames, times)
-        cfg = self.vlm.config
-        x = frames.permute(0, 3, 1, 2).float() / 255.0
-        x = ((x - self.mean) / self.std).to(self.dtype)
-        out = self.vlm.model.vision_tower(x, output_hidden_states=True)
-        layer = cfg.vision_feature_layer
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
-        if cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        feats = self.vlm.model.multi_modal_projector(feats)  # [F, patches, D]
-        side = math.isqrt(feats.shape[1])
-        grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
-        pooled = F.adaptive_avg_pool2d(grid.float(), self.grid).to(feats.dtype)
-        return pooled.flatten(2).transpose(1, 2)  # [F, n0, D], row-major grid order
+        pixels = self.preprocess(frames).to(self.dtype)
+        feats = self.vlm.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+        f = frames.shape[0]
+        if feats.shape[:2] != (1, f * self.n0 + 1):
+            raise RuntimeError(f"transformers' LLaVA-OneVision video features have shape {tuple(feats.shape)}, "
+                               f"expected [1, {f} x {self.n0} + 1 newline, D]: its pooling changed")
+        return feats[0, :-1].reshape(f, self.n0, -1)
+
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """Token embeddings [..., D]; the `<video>` placeholder id becomes image_newline."""
+        ids = ids.to(self.device)
+        emb = self.decoder.embed_tokens(ids)
+        slot = (ids == self.video_token_id)[..., None]
+        return torch.where(slot, self.vlm.model.image_newline.to(emb.dtype), emb)
 
     def _ids(self, text: str) -> Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -176,11 +246,12 @@ class LlavaOnevisionBackbone(Backbone):
         return self._ids(self._prefix)
 
     def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
+        """[newline slot | template | words | template]; the mask marks the words."""
         if not question.strip():
             raise ValueError("question is empty")
-        parts = [self._ids(self._before), self._ids(question.strip()), self._ids(self._after)]
-        mask = torch.cat([torch.zeros(len(parts[0]), dtype=torch.bool), torch.ones(len(parts[1]), dtype=torch.bool),
-                          torch.zeros(len(parts[2]), dtype=torch.bool)])
+        parts = [torch.tensor([self.video_token_id]), self._ids(self._before), self._ids(question.strip()),
+                 self._ids(self._after)]
+        mask = torch.cat([torch.full((len(p),), i == 2, dtype=torch.bool) for i, p in enumerate(parts)])
         return torch.cat(parts), mask
 
 
@@ -210,12 +281,8 @@ def _load_llava_onevision(path: str, model_id: str, revision: str, device, dtype
     processor_template = Path(path) / "chat_template.json"
     if not getattr(tokenizer, "chat_template", None) and processor_template.is_file():
         tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP defaults
-    pre = Path(path) / "preprocessor_config.json"
-    if pre.is_file():
-        cfg = json.loads(pre.read_text())
-        mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-    return LlavaOnevisionBackbone(model, tokenizer, model_id, revision, image_mean=mean, image_std=std).to(device)
+    preprocess = VideoPreprocess.from_pretrained(path)
+    return LlavaOnevisionBackbone(model, tokenizer, model_id, revision, preprocess).to(device)
 
 
 def _family(config: dict) -> str:

@@ -2,7 +2,8 @@
 
 Tests load it back through `load_backbone(path)`, the same code path a user's
 checkpoint takes: config.json, model.safetensors, tokenizer with a chat template,
-preprocessor_config.json with non-default normalisation.
+video_preprocessor_config.json (what LlavaOnevisionVideoProcessor.save_pretrained writes:
+its size and a non-default normalisation; the class itself needs torchvision).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ CHAT_TEMPLATE = (
 IMAGE_MEAN, IMAGE_STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
-def save_tiny_llava(path: Path, seed: int = 0) -> Path:
-    """Write the checkpoint to `path`: 32x32 frames, 4x4 patches (8x8 grid), 3 text layers."""
+def save_tiny_llava(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 4) -> Path:
+    """Write the checkpoint to `path`: image_size^2 frames, patch_size^2 patches (default an
+    8x8 grid, pooled to 4x4), 3 text layers."""
     path = Path(path)
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -35,7 +37,7 @@ def save_tiny_llava(path: Path, seed: int = 0) -> Path:
                                         pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", image_size=32, patch_size=4, hidden_size=32,
+        vision_config=dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size, hidden_size=32,
                            intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         text_config=dict(model_type="qwen2", vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -49,5 +51,8 @@ def save_tiny_llava(path: Path, seed: int = 0) -> Path:
     model = LlavaOnevisionForConditionalGeneration(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}))
+    processor = {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": image_size, "width": image_size},
+                 "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+                 "do_normalize": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD, "do_convert_rgb": True}
+    (path / "video_preprocessor_config.json").write_text(json.dumps(processor))
     return path

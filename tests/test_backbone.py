@@ -114,15 +114,15 @@ def test_llava_onevision_loads_from_disk(llava_dir):
     bb = load_backbone(str(llava_dir))
     assert type(bb).__name__ == "LlavaOnevisionBackbone"
     assert bb.decoder is bb.vlm.model.language_model and bb.lm_head is bb.vlm.lm_head
-    assert bb.n0 == 16 and bb.image_size == (32, 32)
-    assert bb.mean.flatten().tolist() == pytest.approx(IMAGE_MEAN)
-    assert bb.std.flatten().tolist() == pytest.approx(IMAGE_STD)
+    assert bb.n0 == 16 and bb.pooled_grid == (4, 4) and bb.image_size == (32, 32)  # 8x8 patches, pooled 2x
+    assert bb.preprocess.mean == pytest.approx(IMAGE_MEAN) and bb.preprocess.std == pytest.approx(IMAGE_STD)
     assert bb.revision and str(llava_dir.resolve()) == bb.model_id
 
 
-def test_llava_onevision_frames_match_hf_video_features(llava_dir):
-    """An 8x8 patch grid average-pooled to 4x4 is what HF's own 2x bilinear video
-    pooling computes, so the reference is LlavaOnevisionModel.get_video_features."""
+def test_llava_onevision_frames_are_hf_video_features(llava_dir):
+    """The frame tokens are transformers' get_video_features without its trailing
+    image_newline (tests/test_llava_onevision_native.py checks the whole forward on a
+    grid where pooling choices differ)."""
     bb = load_backbone(str(llava_dir))
     fr = frames(3, seed=2)
     with torch.no_grad():
@@ -130,8 +130,20 @@ def test_llava_onevision_frames_match_hf_video_features(llava_dir):
         mean, std = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
         pixels = (torch.from_numpy(fr).permute(0, 3, 1, 2).float() / 255 - mean) / std
         ref = bb.vlm.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
-    ref = ref[0, :-1].view(3, 16, -1)  # drop the trailing image_newline token
-    assert_close_scaled(emb, ref, msg="video features")
+    assert ref.shape[1] == 3 * 16 + 1
+    assert_close_scaled(emb, ref[0, :-1].view(3, 16, -1), msg="video features")
+
+
+def test_llava_onevision_processor_config_is_required_and_checked(tmp_path):
+    ck = save_tiny_llava(tmp_path / "ck")
+    config = ck / "video_preprocessor_config.json"
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps(raw | {"size": {"height": 64, "width": 64}}))
+    with pytest.raises(ValueError, match=r"video processor size \(64, 64\) differs from the vision tower's 32 x 32"):
+        load_backbone(str(ck))
+    config.unlink()
+    with pytest.raises(ValueError, match="no video processor config"):
+        load_backbone(str(ck))
 
 
 def test_llava_onevision_chat_template_split(llava_dir):
@@ -142,7 +154,11 @@ def test_llava_onevision_chat_template_split(llava_dir):
     ids, mask = bb.question_ids("when does the red star appear?")
     words = tok.convert_ids_to_tokens(ids[mask].tolist())
     assert words == ["when", "does", "the", "red", "star", "appear", "?"]
-    assert tok.convert_ids_to_tokens(ids[~mask].tolist()) == ["<|im_end|>", "<|im_start|>", "assistant"]
+    # the video's image_newline slot comes first, as transformers places it after the last frame
+    assert tok.convert_ids_to_tokens(ids[~mask].tolist()) == ["<video>", "<|im_end|>", "<|im_start|>", "assistant"]
+    emb = bb.embed_ids(ids)
+    torch.testing.assert_close(emb[0], bb.vlm.model.image_newline, rtol=0, atol=0)
+    torch.testing.assert_close(emb[1:], bb.decoder.embed_tokens(ids[1:]), rtol=0, atol=0)
 
 
 PROCESSOR_TEMPLATE = (
