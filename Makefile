@@ -42,6 +42,8 @@ bench: setup
 	$(PY) -m bench.ingest
 	$(PY) -m bench.needle
 	$(PY) -m bench.library
+	$(PY) -m bench.generate
+	$(PY) -m bench.serve
 
 clean:
 	rm -rf demo-index demo-archive bench/scratch
