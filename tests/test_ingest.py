@@ -210,6 +210,9 @@ def _windows_written(index: Path) -> int:
         return 0
 
 
+LEASE_TTL = 8.0  # the killed run's: long enough that the next run, started at once, finds it held
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_index(tmp_path, local_ray):
     """Kill the driver (SIGKILL) after some windows are recorded; the rerun re-encodes
@@ -223,7 +226,7 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, local_ray):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.ingest", str(src), "--index", str(killed), "--window", "2",
-         "--num-cpus", "2", "--no-progress", "--lease-ttl", "3"],
+         "--num-cpus", "2", "--no-progress", "--lease-ttl", str(LEASE_TTL)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -247,8 +250,14 @@ def test_killed_run_resumes_to_the_same_index(tmp_path, local_ray):
 
     with pytest.raises(LeaseHeld, match="being ingested by"):  # the killed run's lease has not expired yet
         ingest(IngestConfig(source=str(src), index=str(killed), index_cfg=cfg_small, progress=False))
-    time.sleep(4)  # --lease-ttl 3: the next run takes over
-    resumed = ingest(IngestConfig(source=str(src), index=str(killed), index_cfg=cfg_small, progress=False))
+    deadline = time.monotonic() + 3 * LEASE_TTL
+    while True:  # once the killed run's lease expires, the next run takes over
+        try:
+            resumed = ingest(IngestConfig(source=str(src), index=str(killed), index_cfg=cfg_small, progress=False))
+            break
+        except LeaseHeld:
+            assert time.monotonic() < deadline, f"the killed run's lease outlived {3 * LEASE_TTL:.0f} s"
+            time.sleep(1)
     assert resumed.windows_encoded == total_windows - written  # nothing written before is encoded again
     assert resumed.windows_resumed == written - sum(v.windows for v in finished)
     assert (resumed.ready, resumed.skipped) == (3 - len(finished), len(finished))

@@ -209,16 +209,16 @@ def test_a_held_lease_refuses_the_night_until_it_expires(tmp_path, capsys, local
     src.mkdir()
     clip(src / "a.mp4", 1.5, 5)
     index = str(tmp_path / "index")
-    other = Lease(open_store(index), "elsewhere:1", "a" * 32, ttl=3.0)
+    other = Lease(open_store(index), "elsewhere:1", "a" * 32, ttl=6.0)
     other.acquire()  # never renewed: a crashed run
-    config = {"sources": [str(src)], "index": index, "window": 4, "lease_ttl": 3.0}
+    config = {"sources": [str(src)], "index": index, "window": 4, "lease_ttl": 6.0}
     path = tmp_path / "nightly.yaml"
     path.write_text(yaml.safe_dump(config))
     capsys.readouterr()
     assert cli(["nightly", str(path)]) == EXIT_LEASE_HELD
     assert "elsewhere:1" in capsys.readouterr().err
     assert not (tmp_path / "index" / "catalog").exists()  # nothing written
-    time.sleep(3.5)
+    time.sleep(6.5)
     code, report = night(tmp_path, capsys, **config)
     assert code == EXIT_OK and report["ingests"][0]["ready"] == 1
 

@@ -159,8 +159,9 @@ def ask(bucket: str, index: str, video: str, endpoint: str) -> tuple[int, str, s
 
 
 def without_timings(out: str) -> str:
-    """The answer, the video and every evidence time and score; not the measured read time."""
-    return "\n".join(line.split(" MB read in ")[0] if line.startswith("evidence:") else line
+    """The answer, the video, the bytes and GETs read and every evidence time and score;
+    not the measured time."""
+    return "\n".join(re.sub(r", [\d.]+ s$", "", line) if line.startswith("evidence:") else line
                      for line in out.splitlines())
 
 
