@@ -14,7 +14,8 @@ from pipeline.query import readers_for
 from jobs.sample_archive import write_sample_archive
 from model.ask import ask
 from model.backbone import load_backbone
-from model.qccomp import score_frames
+from model.calibrate import subject_relevance, training_word_frequency
+from model.qccomp import QuestionContext
 from pipeline.catalog import Catalog
 from pipeline.store import open_store
 from tests.videos import make_text_file
@@ -142,9 +143,11 @@ def test_library_question_picks_the_best_scoring_video(indexed, capsys):
     out = capsys.readouterr().out
 
     catalog, store, bb = Catalog(index), open_store(index), load_backbone("tiny")
+    ctx, freq = QuestionContext.build(bb, q.question), training_word_frequency(bb)  # the calibrated ranking
     best = max(catalog.list_videos(status="ready"),
-               key=lambda v: score_frames(bb, readers_for(catalog, store, v), q.question).relevance)
+               key=lambda v: subject_relevance(bb, readers_for(catalog, store, v), ctx, freq))
     assert f"video: {best.uri}" in out and "best of 2 candidates" in out
+    assert best.uri.endswith(q.file)  # the clip the question is about
 
 
 def test_ask_unknown_video_is_a_clear_error(indexed, capsys):
