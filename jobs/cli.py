@@ -11,7 +11,7 @@
     framekv serve INDEX [--host 127.0.0.1] [--port 8000] [--token T] [--ray [--replicas 2]]
     framekv ask INDEX QUESTION [--video VIDEO_ID_OR_URI] [--k 16] [--score fast|exact]
                 [--answer cached|reencode] [--json]
-    framekv search INDEX QUERY [--top 10] [--where SQL] [--json]
+    framekv search INDEX QUERY [--top 10] [--where SQL] [--answer] [--json]
 
 Errors about the user's input (a missing index, a bad argument) print one line naming
 the input and the reason; FRAMEKV_DEBUG=1 shows the traceback instead. Exit codes, so a
@@ -233,7 +233,15 @@ def run_search(args: argparse.Namespace) -> int:
 
     with _query_index(args) as index:
         moments = index.search(args.query, top=args.top, where=args.where)
-    print(json.dumps([m.to_dict() for m in moments], indent=2) if args.json else format_moments(moments))
+        videos = list(dict.fromkeys(m.video.video_id for m in moments))  # the top videos, best first
+        answers = [index.ask(args.query, video=v) for v in videos] if args.answer else []
+    if args.json:
+        out = [m.to_dict() for m in moments]
+        print(json.dumps({"moments": out, "answers": [a.to_dict() for a in answers]} if args.answer else out, indent=2))
+    else:
+        print(format_moments(moments))
+        for a in answers:
+            print(f"\n{a.format()}")
     return 0
 
 
@@ -278,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=10, help="moments shown (default 10)")
     p.add_argument("--where", default=None, help="only videos matching this SQL filter on the videos table, "
                                                  "e.g. \"uri LIKE 's3://cams/2024-%%'\"")
+    p.add_argument("--answer", action="store_true", help="also answer QUERY about each video of the top moments")
     _add_query_args(p)
     p.set_defaults(run=run_search)
 

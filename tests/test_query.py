@@ -127,6 +127,19 @@ def test_search_ranks_moments_as_score_frames_does(indexed, tiny, capsys, where,
         assert all(uri_part in m["video"]["uri"] for m in out)
 
 
+def test_search_answers_each_top_video(indexed, capsys):
+    """`search --answer`: the moments, and QUERY answered about each of their videos (best
+    first), as `Index.ask` answers it about that video."""
+    _, index, questions = indexed
+    query = questions[1].question
+    out = cli_json(capsys, "search", index, query, "--top", "6", "--answer")
+    videos = list(dict.fromkeys(m["video"]["video_id"] for m in out["moments"]))
+    assert [a["video"]["video_id"] for a in out["answers"]] == videos and videos
+    with Index(index) as ix:
+        for a in out["answers"]:
+            same_answer(a, ix.ask(query, video=a["video"]["video_id"]).to_dict())
+
+
 def test_warm_index_reads_no_header_again(indexed):
     root, index, questions = indexed
     q = questions[0]
