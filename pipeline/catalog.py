@@ -564,11 +564,13 @@ class Catalog:
         indexes older than schema 4, rank below every registered one; ties go to the
         newest row."""
         order = {fp: m.used_at.timestamp() for fp, m in self.models().items()}
+
+        def rank(row: VideoRow) -> tuple[float, float]:
+            return order.get(row.model_fp, float("-inf")), row.updated_at.timestamp()
+
         best: dict[str, VideoRow] = {}
         for row in self.list_videos(status="ready"):
-            rank = (order.get(row.model_fp, float("-inf")), row.updated_at.timestamp())
-            held = best.get(row.video_id)
-            if held is None or rank > (order.get(held.model_fp, float("-inf")), held.updated_at.timestamp()):
+            if row.video_id not in best or rank(row) > rank(best[row.video_id]):
                 best[row.video_id] = row
         return sorted(best.values(), key=lambda r: (r.uri, r.video_id))
 
@@ -833,20 +835,29 @@ class Catalog:
         frames; a crash midway is finished by calling again."""
         ids = list(dict.fromkeys(video_ids))
         for i in range(0, len(ids), ID_BATCH):
-            where = _in_filter("video_id", ids[i:i + ID_BATCH], "video_id")
-            pairs = self._rows(self.videos, where, ["video_id", "model_fp"]).to_pylist()
-            pairs += self._rows(self.windows, where, ["video_id", "model_fp"]).to_pylist()
-            self.videos.update(where=where, values={"status": "failed", "error": "removed from source",
-                                                    "error_class": "permanent"})
+            self._remove_rows(_in_filter("video_id", ids[i:i + ID_BATCH], "video_id"), store, "removed from source")
+
+    def _remove_rows(self, where: str, store: ObjectStore, reason: str) -> int:
+        """Delete the video rows matching `where`, with their objects, windows and frames:
+        rows marked failed (`reason`) first so nothing reads them as ready while their
+        objects go, window rows before their frames, video rows last; a crash midway is
+        finished by calling again. Returns the objects deleted."""
+        pairs = {(r["video_id"], r["model_fp"]) for table in (self.videos, self.windows)
+                 for r in self._rows(table, where, ["video_id", "model_fp"]).to_pylist()}
+        if self.videos.count_rows(where):
+            self.videos.update(where=where, values={"status": "failed", "error": reason, "error_class": "permanent"})
             self._committed(self.videos)
-            for vid, fp in sorted({(p["video_id"], p["model_fp"]) for p in pairs}):
-                self._recorded.pop((vid, fp), None)
-                for key in list(store.list(video_prefix(fp, vid))):
-                    store.delete(key)
-            for table in (self.windows, self.frames, self.videos):
-                if table is not None:
-                    table.delete(where)
-                    self._committed(table)
+        deleted = 0
+        for vid, fp in sorted(pairs):
+            self._recorded.pop((vid, fp), None)
+            for key in list(store.list(video_prefix(fp, vid))):
+                store.delete(key)
+                deleted += 1
+        for table in (self.windows, self.frames, self.videos):
+            if table is not None and table.count_rows(where):
+                table.delete(where)
+                self._committed(table)
+        return deleted
 
     @_writes("marking videos removed")
     def mark_removed(self, video_ids: Sequence[str]) -> None:
@@ -870,25 +881,8 @@ class Catalog:
     @_writes("removing a model's cache")
     def remove_model(self, model_fp: str, store: ObjectStore) -> int:
         """Delete every row and object of one model fingerprint (a finished migration),
-        then its registration; returns the objects deleted. Rows go `failed` first so
-        nothing reads them while their objects go; a crash midway: call again."""
-        where = f"model_fp = '{check_hex_id(model_fp, 'model_fp')}'"
-        ids = {r["video_id"] for table in (self.videos, self.windows)
-               for r in self._rows(table, where, ["video_id"]).to_pylist()}
-        if self.videos.count_rows(where):
-            self.videos.update(where=where, values={"status": "failed", "error": "model retired",
-                                                    "error_class": "permanent"})
-            self._committed(self.videos)
-        deleted = 0
-        for vid in sorted(ids):
-            self._recorded.pop((vid, model_fp), None)
-            for key in list(store.list(video_prefix(model_fp, vid))):
-                store.delete(key)
-                deleted += 1
-        for table in (self.windows, self.frames, self.videos):
-            if table is not None and table.count_rows(where):
-                table.delete(where)
-                self._committed(table)
+        then its registration; returns the objects deleted (`_remove_rows`)."""
+        deleted = self._remove_rows(f"model_fp = '{check_hex_id(model_fp, 'model_fp')}'", store, "model retired")
         self.forget_model(model_fp)
         return deleted
 
