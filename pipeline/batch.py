@@ -19,8 +19,9 @@ How the work is split:
   by the video they name;
 - one Ray task per video (`--cpus` CPUs, as many torch threads) opens the video's
   readers once, over a `MemoRanges` in front of a `CountingStore`, and answers the
-  group's questions in turn with `model.ask.ask`, exactly as `Index.ask` does. Every
-  question of a video asks for the same score-key ranges (and often the same frames),
+  group's questions in turn with `model.ask.ask` under `Index.ask`'s own rules
+  (`frames_kept`, `question_context`, `model_for` in pipeline/query.py). Every question
+  of a video asks for the same score-key ranges (and often the same frames),
   so each distinct range costs one GET per video however many questions it gets;
 - library questions (no video) are ranked and answered by `Index.ask` in tasks of
   LIBRARY_CHUNK questions: the ranking scores up to 8 candidate videos per question,
@@ -51,12 +52,12 @@ from model.ask import ANSWER_MODES, ask
 from model.backbone import load_backbone
 from model.generate import GenerateConfig
 from model.kvcache import CacheError
-from model.qccomp import SCORE_MODES, QuestionContext
+from model.qccomp import SCORE_MODES
 from pipeline.catalog import display_text
 from pipeline.cluster import connect_ray
 from pipeline.query import (
-    DEFAULT_K, READ_WORKERS, AskResult, CountingStore, Index, IndexedVideo, QueryError, RangeSource,
-    check_text, open_catalog, readers_for, resolve_video,
+    READ_WORKERS, AskResult, CountingStore, Index, IndexedVideo, QueryError, RangeSource, check_text,
+    frames_kept, model_for, open_catalog, question_context, readers_for, resolve_video,
 )
 from pipeline.store import StoreError, open_store
 
@@ -190,8 +191,7 @@ class _Worker:
     def backbone(self, model_fp: str):
         """The backbone that wrote `model_fp`'s caches (the registered model, else the
         spec's `model`: the rule `Index` follows), loaded once per process."""
-        record = self.catalog.models().get(model_fp)
-        name = record.model if record is not None else self.spec.model
+        name = model_for(self.catalog.models(), model_fp, self.spec.model)
         if name not in self.backbones:
             self.backbones[name] = load_backbone(name, trust_remote_code=self.spec.trust_remote_code)
         return self.backbones[name]
@@ -233,13 +233,8 @@ def answer_video(spec: IndexSpec, video, questions: list[tuple[int, str]], opts:
     for i, question in questions:
         try:
             before = counted.stats
-            if opts.k is not None and opts.k > frames:
-                raise QueryError(f"k={opts.k}: video {video.uri} ({video.video_id[:12]}) has only {frames} frames")
-            try:
-                ctx = QuestionContext.build(backbone, question)
-            except ValueError as e:  # no words of the user's once tokenised
-                raise QueryError(str(e)) from None
-            answer = ask(backbone, readers, ctx, min(opts.k or DEFAULT_K, frames), opts.score, opts.answer,
+            k = frames_kept(opts.k, video, frames)
+            answer = ask(backbone, readers, question_context(backbone, question), k, opts.score, opts.answer,
                          opts.generation)
             rows.append((i, _answer_row(AskResult(question, info, answer, 1, counted.stats - before))))
         except ROW_ERRORS as e:

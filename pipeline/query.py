@@ -59,7 +59,7 @@ from model.encoder import frame_vector_layer, query_vector
 from model.generate import Answer, GenerateConfig
 from model.kvcache import WindowReader
 from model.qccomp import SCORE_MODES, FrameScores, QuestionContext, question_queries, score_frames
-from pipeline.catalog import Catalog, VideoRow, WindowRow
+from pipeline.catalog import Catalog, ModelRecord, VideoRow, WindowRow
 from pipeline.erase import MIN_PREFIX, check_video_filter
 from pipeline.store import open_store
 
@@ -291,6 +291,29 @@ def check_text(text: str, what: str = "question") -> str:
     return text
 
 
+def frames_kept(k: int | None, video: VideoRow, frames: int) -> int:
+    """The K an answer about `video` (`frames` frames) rests on: `k`, or DEFAULT_K capped
+    at the video's frames when not given; a `k` above the frames is an error."""
+    if k is not None and k > frames:
+        raise QueryError(f"k={k}: video {video.uri} ({video.video_id[:12]}) has only {frames} frames")
+    return min(k or DEFAULT_K, frames)
+
+
+def question_context(backbone, question: str) -> QuestionContext:
+    """The question's prefix/suffix forward; a question with no words of the user's once
+    tokenised is a QueryError."""
+    try:
+        return QuestionContext.build(backbone, question)
+    except ValueError as e:
+        raise QueryError(str(e)) from None
+
+
+def model_for(models: dict[str, ModelRecord], model_fp: str, default: str) -> str:
+    """What wrote `model_fp`'s caches: the registered model, else `default`."""
+    record = models.get(model_fp)
+    return record.model if record is not None else default
+
+
 @dataclass
 class _Snapshot:
     """The catalog as of one version, with what lookups need from it."""
@@ -389,12 +412,9 @@ class Index:
                 row, scores = ranked[best], ranking[best][1]  # the answer reuses the winner's scores, if any
                 readers, candidates = opened[row.video_id], len(ranked)
                 t2 = time.perf_counter()
-            frames = sum(r.frames for r in readers)
-            if k is not None and k > frames:
-                raise QueryError(f"k={k}: video {row.uri} ({row.video_id[:12]}) has only {frames} frames")
+            kept = frames_kept(k, row, sum(r.frames for r in readers))
             result = ask(self._backbone(row.model_fp), readers, self._context(question, row.model_fp, contexts),
-                         min(k or DEFAULT_K, frames), score, answer, generation, scores=scores,
-                         map=self._map)
+                         kept, score, answer, generation, scores=scores, map=self._map)
             timings = {"open": t1 - t0, "rank": t2 - t1, **{n: result.timings[n] for n in ("score", "read", "answer")},
                        "total": time.perf_counter() - t0}
             return AskResult(question, IndexedVideo.from_row(row), result, candidates, self.reads - before, timings)
@@ -487,8 +507,7 @@ class Index:
 
     def _model(self, model_fp: str) -> str:
         """What wrote `model_fp`'s caches: the registered model, else the Index's `model`."""
-        record = self._snap.models.get(model_fp)
-        return record.model if record is not None else self.model
+        return model_for(self._snap.models, model_fp, self.model)
 
     def _backbone(self, model_fp: str):
         """The backbone that wrote `model_fp`'s caches, loaded once per model."""
@@ -501,10 +520,7 @@ class Index:
         """The question's prefix/suffix forward, once per backbone per question."""
         spec = self._model(model_fp)
         if spec not in contexts:
-            try:
-                contexts[spec] = QuestionContext.build(self._backbone(model_fp), question)
-            except ValueError as e:  # no words of the user's once tokenised
-                raise QueryError(str(e)) from None
+            contexts[spec] = question_context(self._backbone(model_fp), question)
         return contexts[spec]
 
     def _open(self, videos: list[VideoRow]) -> dict[str, list[WindowReader]]:
