@@ -12,10 +12,9 @@ output); 1 error (no index, an unreadable questions file, a bad --out); 2 usage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from jobs.cli import EXIT_ERROR, EXIT_OK, _positive_int
+from jobs.cli import EXIT_OK, _positive_int, run_reporting
 from pipeline.batch import AskOptions, BatchConfig, ask_batch
 
 
@@ -50,20 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = BatchConfig(args.index, args.questions, args.out, args.endpoint_url, args.model, args.trust_remote_code,
                       AskOptions(args.k, args.score, args.answer), args.cpus, args.address, not args.no_progress)
-    try:
-        result = ask_batch(cfg)
-    except KeyboardInterrupt:
-        print("framekv ask job: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # one clear line instead of a traceback (FRAMEKV_DEBUG=1 for it)
-        if os.environ.get("FRAMEKV_DEBUG"):
-            raise
-        print(f"framekv ask job: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    r = result.report
+    return run_reporting("framekv ask job", lambda: _run(cfg))
+
+
+def _run(cfg: BatchConfig) -> int:
+    r = ask_batch(cfg).report
     gets = sum(v["gets"] for v in r["videos"].values()) + r["library"]["gets"]
     print(f"{r['questions']} questions: {r['answered']} answered, {r['errors']} errors; {len(r['videos'])} videos, "
-          f"{r['library']['questions']} library questions; {gets} GETs; {r['seconds']:.1f} s -> {args.out}")
+          f"{r['library']['questions']} library questions; {gets} GETs; {r['seconds']:.1f} s -> {cfg.out}")
     return EXIT_OK
 
 

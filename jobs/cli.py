@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from jobs.erase import add_cleanup_parser, add_delete_parser
 from jobs.nightly import add_nightly_parser
@@ -298,18 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting(name: str, run: Callable[[], int], interrupted: str | None = None) -> int:
+    """`run()`'s exit code; an error is one line `NAME: error: ...` on stderr and exit 1
+    instead of a traceback (FRAMEKV_DEBUG=1 for it), Ctrl-C exit 130."""
     try:
-        return args.run(args)
+        return run()
     except KeyboardInterrupt:
-        print("framekv: interrupted", file=sys.stderr)
+        print(f"{interrupted or name}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # one clear line instead of a traceback (FRAMEKV_DEBUG=1 for it)
+    except Exception as e:
         if os.environ.get("FRAMEKV_DEBUG"):
             raise
-        print(f"framekv {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting(f"framekv {args.command}", lambda: args.run(args), interrupted="framekv")
 
 
 if __name__ == "__main__":
