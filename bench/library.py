@@ -2,6 +2,20 @@
 question asks about?
 
     python -m bench.library [--videos 48] [--frames 96] [--threads N] [--ranking NAME ...]
+    python -m bench.library --index DIR --videos 1000 [--questions 300] [--qc-questions 60]
+
+Two libraries. In memory (the first command, below) every ranking statistic is compared
+on small libraries. On disk (`--index`, at the end of this file) the staged ranking a
+library question really runs, at scale: the videos encoded by WindowEncoder and written
+as an ingest run leaves them (bench.query.write_video), then each question goes through
+`pipeline.query.Index`: the catalog's vector search (the model's retrieval head, LanceDB)
+hands its M nearest videos to QC-Comp (`subject_relevance`), which re-ranks them. Rows,
+on the same questions in one run: a random pick; the vector stage alone (the nearest
+frame's video); QC-Comp alone (every video of the library re-ranked, on the first
+`--qc-questions`); the re-rank for M in 4, 8, 16, 32 (from one `Index.rank` at M = 32);
+pick accuracy and recall@10 (a video holding the subject among the first 10). Then
+`Index.ask` at the shipped M, timed warm (backbone loaded, page cache warm): p50 / p99
+seconds and bytes read per question, and answer accuracy.
 
 A library of held-out synthetic videos (model/synth.py), cached with WindowEncoder in
 memory as bench/needle.py does. Each video's needle gives three questions (colour,
@@ -36,37 +50,44 @@ library + answering; a ranking is charged for every scoring pass it needs).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
 from bench.needle import build_cache, correct
+from bench.query import write_video
 from model.ask import read_selected_kv
 from model.calibrate import (SUBJECT_MAX_DF, WordFrequency, contrast_relevance, library_zscore, neutral_context,
                              synth_questions, word_relevance, word_scores)
 from model.generate import answer_cached
 from model.config import IndexConfig, default_score_layers
-from model.encoder import WindowEncoder
+from model.backbone import load_backbone
+from model.encoder import WindowEncoder, WindowInput
 from model.qccomp import QuestionContext, score_frames
-from model.synth import Event, SynthVideo, event_when, make_question, make_video
+from model.synth import Event, SynthVideo, event_when, make_question, make_video, shows_subject
+from pipeline.catalog import Catalog
+from pipeline.query import LIBRARY_CANDIDATES, Index
+from pipeline.store import open_store
 
 SEED_BASE = 5_000_000_000  # held out from training (< 3e9) and from bench/needle.py (4e9..)
 KINDS = ("colour", "shape", "when")
-
-
-def matches(kind: str, subject: Event, event: Event) -> bool:
-    """Whether `event` is what a `kind` question about `subject` asks about."""
-    return {"colour": event.shape == subject.shape, "shape": event.colour == subject.colour,
-            "when": (event.shape, event.colour) == (subject.shape, subject.colour)}[kind]
+RECALL_TOP = 10  # recall@10: a video holding the subject is among a ranking's first 10
+CANDIDATE_SWEEP = (4, 8, 16, 32)  # M: the vector stage's videos QC-Comp re-ranks
 
 
 def truths(kind: str, subject: Event, video: SynthVideo) -> set[str]:
     """The answers `video`'s own events give to a `kind` question about `subject`."""
-    hits = [e for e in video.events if matches(kind, subject, e)]
+    hits = [e for e in video.events if shows_subject(kind, subject, e)]
     if kind == "colour":
         return {e.colour for e in hits}
     if kind == "shape":
@@ -82,10 +103,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     rankings = ["relevance", *CALIBRATED]
     ap.add_argument("--ranking", nargs="+", choices=rankings, default=rankings,
-                    help="video rankings to compare on the same questions (default: all)")
+                    help="video rankings to compare on the same questions (default: all; in memory only)")
+    ap.add_argument("--index", help="the staged library on disk at this folder (built once, then reused): "
+                                    "vector stage + QC-Comp re-rank through pipeline.query.Index")
+    ap.add_argument("--questions", type=int, default=300, help="--index: questions (a third of each kind)")
+    ap.add_argument("--qc-questions", type=int, default=60,
+                    help="--index: of those, how many also rank every video by QC-Comp alone (slow)")
     args = ap.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
     if args.videos < 2 or args.frames < 16:
         ap.error("need --videos >= 2 and --frames >= 16")
+    if args.index:
+        if not len(KINDS) <= args.questions <= len(KINDS) * args.videos:
+            ap.error(f"need {len(KINDS)} <= --questions <= {len(KINDS)} x --videos")
+        return staged(args)
     torch.set_num_threads(args.threads)
     encoder = WindowEncoder(args.model, IndexConfig())
     bb = encoder.backbone
@@ -102,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     for source in videos:
         for kind in KINDS:
             q = make_question(source, rng, kind)
-            holds = [any(matches(kind, source.needle, e) for e in v.events) for v in videos]
+            holds = [any(shows_subject(kind, source.needle, e) for e in v.events) for v in videos]
             floor += np.mean(holds)
             n += 1
             with torch.inference_mode():
@@ -201,6 +232,113 @@ def rank_all(bb, caches: list, ctx: QuestionContext, freq: WordFrequency,
         picks[name] = int(np.argmax(stat))
         spent[name] = t + t_setup + time.perf_counter() - t0
     return picks, spent
+
+
+# ---- the staged library on disk: vector stage + QC-Comp re-rank, through pipeline.query.Index ----
+
+def build_library(root: Path, encoder: WindowEncoder, model: str, n: int, frames: int) -> list[SynthVideo]:
+    """n held-out videos encoded by `encoder` (what an ingest actor runs) and written into
+    the index at `root` as an ingest run leaves them (bench.query.write_video: objects,
+    window and frame rows, ready; the catalog optimised, so the vector index is built if
+    the frames table is large enough). Reused when `root` holds this very library."""
+    videos = [make_video(SEED_BASE + i, frames) for i in range(n)]
+    want = {"videos": n, "frames": frames, "seed_base": SEED_BASE, "model_fp": encoder.fingerprint}
+    manifest = root / "bench-library.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == want:
+        return videos
+    if root.exists():
+        if not manifest.is_file() and any(root.iterdir()):
+            raise SystemExit(f"{root} exists and is not a bench library: not overwriting it")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    catalog, store = Catalog(str(root)), open_store(str(root))
+    catalog.register_model(encoder.fingerprint, model, encoder.backbone.revision, asdict(encoder.cfg))
+    window, t0 = encoder.cfg.window, time.perf_counter()
+    for i, v in enumerate(tqdm(videos, desc="encode + write", unit="video")):
+        pics, times = v.frames(encoder.image_size), v.times()
+        encoded = encoder.encode([WindowInput(pics[s : s + window], times[s : s + window], float(frames), j)
+                                  for j, s in enumerate(range(0, frames, window))])
+        write_video(catalog, store, [e.blob for e in encoded], np.concatenate([e.frame_vectors for e in encoded]),
+                    library_name(i), encoder.fingerprint)
+    catalog.optimize()
+    print(f"built {root}: {n} videos x {frames} frames in {time.perf_counter() - t0:.0f} s")
+    manifest.write_text(json.dumps(want) + "\n")
+    return videos
+
+
+def library_name(i: int) -> str:
+    return f"library-{i:05d}"
+
+
+def recall_at(order: list[int], holds: list[bool], top: int = RECALL_TOP) -> bool:
+    """A video holding the subject is among the first `top` of `order`."""
+    return any(holds[v] for v in order[:top])
+
+
+def staged(args) -> dict:
+    """The on-disk library (`--index DIR`): every stage on the same questions in one run."""
+    torch.set_num_threads(args.threads)
+    encoder = WindowEncoder(args.model, IndexConfig())
+    videos = build_library(Path(args.index), encoder, args.model, args.videos, args.frames)
+    del encoder
+    number = {hashlib.sha256(library_name(i).encode()).hexdigest(): i for i in range(len(videos))}
+    rng = np.random.default_rng(0)
+    questions = [(v, kind, make_question(v, rng, kind)) for v in videos[: args.questions // len(KINDS)] for kind in KINDS]
+    sweep = sorted({*CANDIDATE_SWEEP, LIBRARY_CANDIDATES})
+    stats = {name: {"pick": 0, "recall": 0, "n": 0} for name in
+             ["random", "vector", "qc-only", *(f"re-rank M={m}" for m in sweep)]}
+    answers, latency, nbytes = 0, [], []
+    bb = load_backbone(args.model)
+    with Index(args.index, model=args.model, max_videos=len(videos)) as index:
+        index.ask(questions[0][2].text)  # warm: backbone, question prefix
+        for qi, (source, kind, q) in enumerate(tqdm(questions, desc="questions", unit="q")):
+            holds = [any(shows_subject(kind, source.needle, e) for e in v.events) for v in videos]
+            p = float(np.mean(holds))
+            stats["random"]["pick"] += p
+            stats["random"]["recall"] += 1 - (1 - p) ** RECALL_TOP
+            stats["random"]["n"] += 1
+            ranked = index.rank(q.text, candidates=max(sweep))
+            by_vector = [number[r.video.video_id] for r in sorted(ranked, key=lambda r: r.vector_rank)]
+            tally(stats["vector"], by_vector, holds)
+            for m in sweep:
+                top = sorted((r for r in ranked if r.vector_rank < m), key=lambda r: (-r.relevance, r.vector_rank))
+                order = [number[r.video.video_id] for r in top]
+                tally(stats[f"re-rank M={m}"], order + [v for v in by_vector if v not in order], holds)
+            t0, before = time.perf_counter(), index.reads
+            result = index.ask(q.text)
+            latency.append(time.perf_counter() - t0)
+            nbytes.append((index.reads - before).bytes)
+            picked = videos[number[result.video.video_id]]
+            answers += any(correct(result.text, a) for a in truths(kind, source.needle, picked))
+            if qi < args.qc_questions:  # QC-Comp alone: every video of the library re-ranked
+                tally(stats["qc-only"], [number[r.video.video_id] for r in index.rank(q.text, candidates=None)], holds)
+    n = len(questions)
+    print(f"\nmodel {args.model} ({bb.revision}, retrieval head: {'yes' if bb.retrieval is not None else 'no'}), "
+          f"{len(videos)} videos x {args.frames} frames on disk at {args.index}, {n} questions (colour / shape / when)"
+          f", QC-Comp alone on the first {min(args.qc_questions, n)}; threads {args.threads}\n")
+    print(f"| ranking | pick accuracy | recall@{RECALL_TOP} | x random pick | questions |")
+    print("| --- | --- | --- | --- | --- |")
+    out = {}
+    for name, t in stats.items():
+        if t["n"]:
+            pick, rec = t["pick"] / t["n"], t["recall"] / t["n"]
+            out[name] = {"pick": pick, "recall": rec}
+            print(f"| {name} | {pick:.3f} | {rec:.3f} | {pick / (stats['random']['pick'] / stats['random']['n']):.2f}x "
+                  f"| {t['n']} |")
+    lat = np.array(latency)
+    print(f"\nIndex.ask (M={LIBRARY_CANDIDATES}, fast top-16, cached answer), warm: p50 {np.percentile(lat, 50):.3f} s, "
+          f"p99 {np.percentile(lat, 99):.3f} s, mean {lat.mean():.3f} s; bytes read per question p50 "
+          f"{np.percentile(nbytes, 50) / 1e6:.2f} MB, max {max(nbytes) / 1e6:.2f} MB; answer accuracy {answers / n:.3f}")
+    out.update(latency_p50=float(np.percentile(lat, 50)), latency_p99=float(np.percentile(lat, 99)),
+               answer=answers / n)
+    print("command: python -m bench.library " + " ".join(args.argv))
+    return out
+
+
+def tally(t: dict, order: list[int], holds: list[bool]) -> None:
+    t["pick"] += bool(order) and holds[order[0]]
+    t["recall"] += recall_at(order, holds)
+    t["n"] += 1
 
 
 if __name__ == "__main__":

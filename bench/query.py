@@ -56,7 +56,7 @@ from model.generate import GenerateConfig, answer_embeddings
 from model.ask import ask
 from model.backbone import load_backbone
 from model.config import CompressionConfig, IndexConfig
-from model.encoder import frame_vector_layer, frame_vectors
+from model.retrieval import frame_vectors
 from model.kvcache import header_digest, reader_from_bytes, sha256_hex, write_window
 from model.lpcomp import prefill_windows
 from model.qccomp import QuestionContext, score_frames
@@ -77,6 +77,7 @@ INDEX_FP = hashlib.sha256(b"bench.query").hexdigest()[:16]  # unregistered: Inde
 class Video:
     blobs: list[bytes]
     embs: torch.Tensor  # [F, n0, D]: what `full` re-encodes
+    vectors: np.ndarray  # [F, d] frame vectors, as the encoder computes them
 
     @property
     def cache_bytes(self) -> int:
@@ -92,7 +93,7 @@ def build_video(bb, frames: int, fast_layers: tuple[int, ...], seed: int = 0, ba
     embs = torch.randn(frames, bb.n0, bb.decoder.config.hidden_size, generator=g)
     times = np.arange(frames) + 0.5
     windows = list(embs.split(WINDOW))
-    blobs = []
+    blobs, vectors = [], []
     with torch.inference_mode():
         for start in range(0, len(windows), batch):
             chunk = windows[start : start + batch]
@@ -100,7 +101,8 @@ def build_video(bb, frames: int, fast_layers: tuple[int, ...], seed: int = 0, ba
                 first = (start + i) * WINDOW
                 blobs.append(write_window(kv, emb, times[first : first + len(emb)], float(frames),
                                           model_fp="bench", revision=bb.revision, fast_layers=fast_layers))
-    return Video(blobs, embs)
+                vectors.append(frame_vectors(bb, emb, kv.keys, fast_layers))
+    return Video(blobs, embs, np.concatenate(vectors))
 
 
 def time_full(bb, video: Video, question: str, cfg: GenerateConfig) -> float:
@@ -121,24 +123,29 @@ def time_ask(bb, video: Video, score_mode: str, k: int, cfg: GenerateConfig, rep
 
 def write_index(root: str, video: Video, name: str) -> str:
     """`video`'s objects as a one-video local index (objects, window and frame rows, ready);
-    returns the video id. The frame vectors are computed from the objects' keys, as the
-    encoder does."""
-    catalog, store = Catalog(root), open_store(root)
+    returns the video id."""
+    return write_video(Catalog(root), open_store(root), video.blobs, video.vectors, name, INDEX_FP)
+
+
+def write_video(catalog: Catalog, store, blobs: list[bytes], vectors: np.ndarray, name: str, model_fp: str) -> str:
+    """One video's window objects and frame vectors into an index as an ingest run leaves
+    them (objects at their keys, window and frame rows, `ready`), without Ray; the video
+    is /bench/{name}.mp4, its id the hash of `name`. Returns the id."""
     video_id = hashlib.sha256(name.encode()).hexdigest()
-    readers = video.readers()
+    readers = [reader_from_bytes(b, f"w{i:06d}") for i, b in enumerate(blobs)]
     frames = sum(r.frames for r in readers)
-    catalog.upsert_videos([VideoRow(video_id, INDEX_FP, f"/bench/{name}.mp4", 0, "mtime:0", status="ingesting",
+    catalog.upsert_videos([VideoRow(video_id, model_fp, f"/bench/{name}.mp4", 0, "mtime:0", status="ingesting",
                                     frames=frames, windows=len(readers), duration=float(frames))])
-    first = 0
-    for i, (blob, r) in enumerate(zip(video.blobs, readers)):
-        key = window_key(INDEX_FP, video_id, i)
+    records, first = [], 0
+    for i, (blob, r) in enumerate(zip(blobs, readers)):
+        key = window_key(model_fp, video_id, i)
         store.put(key, blob)
-        row = WindowRow(video_id, INDEX_FP, i, float(r.times[0]), float(r.times[-1]), r.frames, key, sha256_hex(blob),
+        row = WindowRow(video_id, model_fp, i, float(r.times[0]), float(r.times[-1]), r.frames, key, sha256_hex(blob),
                         len(blob), header_sha256=header_digest(blob))
-        vectors = frame_vectors(r.score_keys(frame_vector_layer(r.meta.fast_layers)))
-        catalog.record_windows([(row, FrameBatch(first, r.times, vectors))])
+        records.append((row, FrameBatch(first, r.times, vectors[first : first + r.frames])))
         first += r.frames
-    catalog.mark_ready(video_id, INDEX_FP)
+    catalog.record_windows(records)
+    catalog.mark_ready(video_id, model_fp)
     return video_id
 
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.retrieval import attach_head, load_head
+
 TINY_DIR = Path(__file__).parent / "checkpoints" / "tiny"
 VIDEO_MARK, QUESTION_MARK = "\x00VIDEO\x00", "\x00QUESTION\x00"
 
@@ -66,6 +68,7 @@ class Backbone(nn.Module):
     decoder: nn.Module  # Qwen2Model-like: .layers, .rotary_emb, .norm, .embed_tokens, .config
     lm_head: nn.Linear
     tokenizer: object  # PreTrainedTokenizerFast
+    retrieval = None  # model/retrieval.py RetrievalHead shipped with the checkpoint, if any
 
     @property
     def device(self) -> torch.device:
@@ -314,8 +317,10 @@ def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = 
             bb = TinyVLM.load(path, model_id=model_id, revision=revision).to(device).eval()
             for p in bb.parameters():  # parameters only: rotary/time buffers stay fp32, as in HF
                 p.data = p.data.to(dtype)
-            return bb
-        return _load_llava_onevision(str(path), model_id, revision, device, dtype, trust_remote_code)
+        else:
+            bb = _load_llava_onevision(str(path), model_id, revision, device, dtype, trust_remote_code)
+        attach_head(bb, load_head(path, bb.decoder.config.hidden_size))
+        return bb
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ValueError(f"model {spec!r} is neither 'tiny', an existing directory, nor a hub id (org/name)")
     from transformers import AutoConfig

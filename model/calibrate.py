@@ -21,15 +21,18 @@ other statistics here are the candidates it was measured against.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from model.config import default_score_layers
 from model.kvcache import WindowReader
-from model.qccomp import SCORE_MODES, QuestionContext, exact_batch_scores, fast_batch_scores, check_readers, question_hidden
+from model.qccomp import (SCORE_MODES, MapFn, QuestionContext, check_readers, exact_batch_scores, fast_batch_scores,
+                          question_hidden, read_batches, score_keys, window_kv)
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,13 @@ class WordScores:
 
 @torch.inference_mode()
 def word_scores(backbone, readers: Sequence[WindowReader], ctx: QuestionContext, mode: str = "fast",
-                score_layers: Sequence[int] | None = None, batch_windows: int = 16) -> WordScores:
+                score_layers: Sequence[int] | None = None, batch_windows: int = 16, *,
+                map: MapFn | None = None) -> WordScores:
     """Scores of every frame behind `readers` (one video), per user word, as
     `score_frames(backbone, readers, ctx, mode, score_layers)` computes them before its mean
     over words. score_layers: default as `score_frames` (`exact`: the paper's 21%..82% of
-    depth; `fast`: the fast layers stored in the objects)."""
+    depth; `fast`: the fast layers stored in the objects). map: runs the window reads,
+    as `score_frames`' does."""
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown score mode {mode!r}; choose one of {SCORE_MODES}")
     if batch_windows < 1:
@@ -63,15 +68,16 @@ def word_scores(backbone, readers: Sequence[WindowReader], ctx: QuestionContext,
     if not layers or not all(0 <= l < backbone.num_layers for l in layers):
         raise ValueError(f"score layers {layers} must be a non-empty subset of 0..{backbone.num_layers - 1}")
     hidden = question_hidden(backbone, ctx, layers) if mode == "fast" else None
+    read = window_kv if mode == "exact" else partial(score_keys, layers=list(layers))
+    batches = [readers[i : i + batch_windows] for i in range(0, len(readers), batch_windows)]
     out: list[np.ndarray] = []
-    for start in range(0, len(readers), batch_windows):
-        batch = readers[start : start + batch_windows]
+    for batch, got in zip(batches, read_batches(batches, read, map or builtins.map)):
         frames = [r.frames for r in batch]
         if mode == "fast":
-            s = fast_batch_scores(backbone, ctx, [r.score_keys_for(list(hidden)) for r in batch], frames, hidden, True)
+            s = fast_batch_scores(backbone, ctx, got, frames, hidden, True)
         else:
-            s = exact_batch_scores(backbone, ctx, [r.window_kv() for r in batch], frames, layers, True)
-        out += [s[i, : r.frames].double().cpu().numpy() for i, r in enumerate(batch)]
+            s = exact_batch_scores(backbone, ctx, got, frames, layers, True)
+        out += [s[i, :f].double().cpu().numpy() for i, f in enumerate(frames)]
     return WordScores(np.concatenate(out), np.concatenate([np.full(r.frames, r.frames) for r in readers]))
 
 
@@ -170,7 +176,7 @@ SUBJECT_MAX_DF = 0.2  # a word in a fifth of the questions or more is a template
 
 @torch.inference_mode()
 def subject_relevance(backbone, readers: Sequence[WindowReader], ctx: QuestionContext, freq: WordFrequency,
-                      max_df: float = SUBJECT_MAX_DF) -> float:
+                      max_df: float = SUBJECT_MAX_DF, *, map: MapFn | None = None) -> float:
     """How much the video behind `readers` holds what `ctx`'s question names, comparable
     across the videos of a library (docs/BENCHMARKS.md, "Library": the winning
     calibration, `exact1-content-min` there).
@@ -179,9 +185,10 @@ def subject_relevance(backbone, readers: Sequence[WindowReader], ctx: QuestionCo
     window's K/V, so its words have seen the video; that is where a subject word's
     retrieval is trained), of the question's rare words only (`freq`), combined per
     frame by their min (every subject word must point at the same frame), best frame.
-    Reads every frame's K/V of the video, as `score_frames(mode="exact")` does."""
+    Reads every frame's K/V of the video, as `score_frames(mode="exact")` does (through
+    `map`, if given)."""
     first = (default_score_layers(backbone.num_layers)[0],)
-    ws = word_scores(backbone, readers, ctx, "exact", first)
+    ws = word_scores(backbone, readers, ctx, "exact", first, map=map)
     return word_relevance(ws, freq.content_rows(backbone, ctx, max_df), "min")
 
 

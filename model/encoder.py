@@ -8,19 +8,13 @@
 All windows of one call are prefilled in one LP-Comp batch (segment-local, so the
 result does not depend on the batching).
 
-Frame vectors (library search, docs/METHOD.md, 'Frame vectors'): the pre-RoPE keys of one fast layer
-(`frame_vector_layer`, the middle fast layer, so the question side knows it from the
-object's metadata) averaged over the frame's kept tokens, kv heads concatenated,
-L2-normalised: [F, kv_heads * head_dim]. The question side pools its pre-RoPE queries
-of that layer with `query_vector` (mean over question tokens and over the query heads
-sharing each kv head). Before normalisation the dot product of the two is exactly
-kv_heads x the frame's mean unscaled q.k logit over heads, question tokens and frame
-tokens (RoPE left out), so the vector search approximates QC scoring.
+Frame vectors (library search): model/retrieval.py `frame_vectors`, from the frames'
+embeddings through the checkpoint's trained retrieval head, else from the pooled
+pre-RoPE keys of the middle fast layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +25,7 @@ from model.backbone import load_backbone
 from model.config import IndexConfig, fingerprint
 from model.kvcache import header_digest, sha256_hex, write_window
 from model.lpcomp import prefill_windows
+from model.retrieval import frame_vectors
 
 
 @dataclass
@@ -48,33 +43,7 @@ class EncodedWindow:
     sha256: str  # of blob, for the catalog
     header_sha256: str  # of blob's header (model.kvcache.header_digest), for the catalog: range reads check it
     times: np.ndarray  # [F] seconds
-    frame_vectors: np.ndarray  # [F, kv_heads * head_dim] float32, unit norm
-
-
-def frame_vector_layer(fast_layers: Sequence[int]) -> int:
-    """The layer whose keys make the frame vectors: the middle fast layer."""
-    return fast_layers[len(fast_layers) // 2]
-
-
-def _unit(x: Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy()
-
-
-def frame_vectors(keys: Tensor) -> np.ndarray:
-    """Pre-RoPE keys [F, n, kv_heads, head_dim] -> unit vectors [F, kv_heads * head_dim]."""
-    return _unit(keys.float().mean(1).flatten(1))
-
-
-def query_vector(queries: Tensor, kv_heads: int) -> np.ndarray:
-    """Pre-RoPE question queries [Q, heads, head_dim] -> unit vector [kv_heads * head_dim],
-    comparable with `frame_vectors` of the same layer."""
-    if queries.dim() != 3:
-        raise ValueError(f"queries must be [Q, heads, head_dim], got {tuple(queries.shape)}")
-    _, heads, hd = queries.shape
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads do not group into {kv_heads} kv heads")
-    grouped = queries.float().mean(0).reshape(kv_heads, heads // kv_heads, hd).mean(1)
-    return _unit(grouped.flatten())
+    frame_vectors: np.ndarray  # [F, d] float32, unit norm (model/retrieval.py)
 
 
 class WindowEncoder:
@@ -87,7 +56,6 @@ class WindowEncoder:
         bb = self.backbone
         self.image_size = bb.image_size
         self.fast_layers = cfg.resolved_fast_layers(bb.num_layers)
-        self.vector_layer = frame_vector_layer(self.fast_layers)
         dtype = str(bb.dtype).removeprefix("torch.")
         self.fingerprint = fingerprint(bb.model_id, bb.revision, dtype, bb.num_layers, bb.n0, cfg)
 
@@ -113,5 +81,5 @@ class WindowEncoder:
                                     quant=self.cfg.quant)
                 out.append(EncodedWindow(index=w.index, blob=blob, sha256=sha256_hex(blob),
                                          header_sha256=header_digest(blob), times=times,
-                                         frame_vectors=frame_vectors(kv.keys[self.vector_layer])))
+                                         frame_vectors=frame_vectors(self.backbone, emb, kv.keys, self.fast_layers)))
         return out

@@ -239,15 +239,15 @@ def exact_batch_scores(backbone, ctx: QuestionContext, kvs: list, frames: list[i
                for l in score_layers)
 
 
-def _window_kv(reader: WindowReader) -> tuple[list[Tensor], list[Tensor]]:
+def window_kv(reader: WindowReader) -> tuple[list[Tensor], list[Tensor]]:
     return reader.window_kv()
 
 
-def _score_keys(reader: WindowReader, layers: list[int]) -> dict[int, Tensor]:
+def score_keys(reader: WindowReader, layers: list[int]) -> dict[int, Tensor]:
     return reader.score_keys_for(layers)
 
 
-def _read_batches(batches: list[Sequence[WindowReader]], read: Callable, map: MapFn) -> Iterator[list]:
+def read_batches(batches: list[Sequence[WindowReader]], read: Callable, map: MapFn) -> Iterator[list]:
     """Each batch's `read(reader)` results, in order. The next batch's reads are started
     (`map` called) before a batch is handed out, so a concurrent `map` reads it while the
     caller computes; with builtin `map` (lazy) every read happens in turn, as a plain
@@ -301,7 +301,7 @@ def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> 
 @torch.inference_mode()
 def question_queries(backbone, question: str | QuestionContext, layer: int) -> Tensor:
     """Pre-RoPE queries [R, heads, head_dim] of the user's words at `layer`, from
-    [prefix | question] with no video: what `model.encoder.query_vector` pools to match
+    [prefix | question] with no video: what `model.retrieval.pooled_query_vector` pools to match
     the frame vectors of a library search."""
     ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
     h = question_hidden(backbone, ctx, (layer,))[layer][0, ctx.user_rows]
@@ -363,12 +363,12 @@ def score_frames(
         raise ValueError(f"score layers {score_layers} must be a non-empty subset of 0..{num_layers - 1}")
     hidden = question_hidden(backbone, ctx, score_layers) if mode == "fast" else None
 
-    read = _window_kv if mode == "exact" else partial(_score_keys, layers=list(hidden))
+    read = window_kv if mode == "exact" else partial(score_keys, layers=list(hidden))
     batches = [readers[i : i + batch_windows] for i in range(0, len(readers), batch_windows)]
     scores: list[np.ndarray] = []
     best = _BestKV(keep) if keep and mode == "exact" else None
     rows = 0  # frames scored so far: the next frame's row in FrameScores
-    for b, (batch, got) in enumerate(zip(batches, _read_batches(batches, read, map or builtins.map))):
+    for b, (batch, got) in enumerate(zip(batches, read_batches(batches, read, map or builtins.map))):
         frames = [r.frames for r in batch]
         if mode == "exact":
             s = exact_batch_scores(backbone, ctx, got, frames, score_layers)

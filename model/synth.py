@@ -294,6 +294,19 @@ def make_question(video: SynthVideo, rng: np.random.Generator, kind: str | None 
     raise ValueError(f"unknown question kind {kind!r}; choose one of {QUESTION_KINDS}")
 
 
+def shows_subject(kind: str, subject: Event, event: Event) -> bool:
+    """Whether `event` is what a `kind` question about `subject` asks about: a colour
+    question names a shape, a shape question a colour, the others both. Across videos
+    (a library question) any event like that answers it, not only the needle."""
+    if kind == "colour":
+        return event.shape == subject.shape
+    if kind == "shape":
+        return event.colour == subject.colour
+    if kind in ("when", "exists"):
+        return (event.shape, event.colour) == (subject.shape, subject.colour)
+    raise ValueError(f"unknown question kind {kind!r}; choose one of {QUESTION_KINDS}")
+
+
 def vocabulary() -> list[str]:
     """Every word the generated questions and answers use (for checking the tokenizer's vocabulary)."""
     words = {"what", "colour", "is", "the", "which", "shape", "there", "a", "when", "does", "appear", "?"}

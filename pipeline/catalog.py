@@ -86,7 +86,7 @@ STATUSES = ("pending", "ingesting", "ready", "failed", "removed")
 ERROR_CLASSES = ("permanent", "transient")
 SCHEMA_VERSION = 4
 VECTOR_METRIC = "cosine"  # frames.vector search and index
-VECTOR_INDEX_MIN_ROWS = 100_000  # below this a flat scan is fast enough and IVF training is poor
+VECTOR_INDEX_MIN_ROWS = 64_000  # IVF-PQ is no faster than a flat scan below ~50k frames (bench/vector_index.py)
 REFINE_FACTOR = 10  # with a PQ index: re-rank limit x 10 candidates by their exact vectors
 ID_BATCH = 500  # video ids per IN (...) filter
 # Commits between compactions. Each commit adds a fragment, scanned by every filtered read
@@ -343,6 +343,32 @@ def _uri_from(display: str, raw: bytes | None) -> str:
     return display if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
+def nearest_frames(frames, vector: np.ndarray, where: str, limit: int) -> pa.Table:
+    """The `limit` rows of a frames table nearest to `vector` (cosine) among `where`:
+    video_id, frame, timestamp, window, _distance; through the vector index if there is
+    one (its candidates re-ranked by their exact vectors), else a flat scan."""
+    return (
+        frames.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
+        .distance_type(VECTOR_METRIC)
+        .where(where, prefilter=True)
+        .select(["video_id", "frame", "timestamp", "window", "_distance"])
+        .refine_factor(REFINE_FACTOR)
+        .limit(limit)
+        .to_arrow()
+    )
+
+
+def build_vector_index(frames) -> None:
+    """An IVF-PQ index on a frames table's vectors: sqrt(rows) partitions, sub-vectors of
+    8 dimensions where the dimension allows."""
+    from lancedb.index import IvfPq
+
+    rows, dim = frames.count_rows(), frames.schema.field("vector").type.list_size
+    sub = next(s for s in (dim // 8, dim // 4, dim // 2, 1) if s >= 1 and dim % s == 0)
+    frames.create_index("vector", config=IvfPq(distance_type=VECTOR_METRIC, num_partitions=max(1, int(math.sqrt(rows))),
+                                               num_sub_vectors=sub))
+
+
 def _in_filter(column: str, values: Iterable[str], what: str) -> str:
     """`column IN ('a', 'b')`; values are validated hex hashes, so quoting is safe."""
     quoted = ", ".join(f"'{check_hex_id(v, what)}'" for v in values)
@@ -547,15 +573,7 @@ class Catalog:
             return pa.table({"video_id": pa.array([], pa.string()), "frame": pa.array([], pa.int32()),
                              "timestamp": pa.array([], pa.float64()), "window": pa.array([], pa.int32()),
                              "_distance": pa.array([], pa.float32())})
-        query = (
-            self.frames.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
-            .distance_type(VECTOR_METRIC)
-            .where(where, prefilter=True)
-            .select(["video_id", "frame", "timestamp", "window", "_distance"])
-            .refine_factor(REFINE_FACTOR)
-            .limit(limit)
-        )
-        return query.to_arrow()
+        return nearest_frames(self.frames, vector, where, limit)
 
     def serving_videos(self) -> list[VideoRow]:
         """One ready row per video, the one questions read: of the model a run used last
@@ -938,14 +956,7 @@ class Catalog:
         if self.frames is not None:
             rows = self.frames.count_rows()
             if rows >= VECTOR_INDEX_MIN_ROWS and ("vector",) not in {tuple(ix.columns) for ix in self.frames.list_indices()}:
-                from lancedb.index import IvfPq
-
-                dim = self.frames.schema.field("vector").type.list_size
-                sub = next(s for s in (dim // 8, dim // 4, dim // 2, 1) if s >= 1 and dim % s == 0)
-                self.frames.create_index(
-                    "vector", config=IvfPq(distance_type=VECTOR_METRIC, num_partitions=max(1, int(math.sqrt(rows))),
-                                           num_sub_vectors=sub)
-                )
+                build_vector_index(self.frames)
 
     # ---- runs and status ---------------------------------------------------------------
     @_writes("registering a model")

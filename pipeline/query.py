@@ -23,13 +23,14 @@ selected frames), so on S3 a question waits about one round trip per batch of wi
 
 Library questions (no video) cover every ready video, each under the model that serves
 it (`Catalog.serving_videos`): the catalog's frame-vector search, per model with that
-model's question vector (pooled pre-RoPE queries of the layer the frame vectors were
-made from), picks candidate videos; QC scoring of their cached K/V ranks them, and the
-best is answered. The ranking is `model.calibrate.subject_relevance` where the word
-frequencies of the model's training questions are known (the tiny model): `exact`
-scores of the question's rare words, which must all point at one frame; otherwise
-`FrameScores.relevance`, whose scores the answer then reuses (not scored twice). `search` ranks moments (video, time)
-the same way: candidates from the vector search, every frame of theirs scored by
+model's question vector (model/retrieval.py: its trained retrieval head, else pooled
+pre-RoPE queries of the layer the frame vectors were made from), picks candidate
+videos (`LIBRARY_CANDIDATES` per model); QC scoring of their cached K/V re-ranks them
+(`rank`), and the best is answered. The re-rank is `model.calibrate.subject_relevance`
+where the word frequencies of the model's training questions are known (the tiny
+model): `exact` scores of the question's rare words, which must all point at one frame;
+otherwise `FrameScores.relevance`, whose scores the answer then reuses (not scored
+twice). `search` ranks moments (video, time) the same way: candidates from the vector search, every frame of theirs scored by
 QC-Comp (`fast`), best `relative` score first.
 
 Questions run one at a time per Index (a lock): the model is the bottleneck, and it keeps
@@ -50,15 +51,14 @@ from itertools import zip_longest
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from model.ask import ANSWER_MODES, ask
 from model.backbone import load_backbone
 from model.calibrate import subject_relevance, training_word_frequency
-from model.encoder import frame_vector_layer, query_vector
 from model.generate import Answer, GenerateConfig
 from model.kvcache import WindowReader
-from model.qccomp import SCORE_MODES, FrameScores, QuestionContext, question_queries, score_frames
+from model.qccomp import SCORE_MODES, FrameScores, QuestionContext, score_frames
+from model.retrieval import question_vector
 from pipeline.catalog import Catalog, ModelRecord, VideoRow, WindowRow
 from pipeline.erase import MIN_PREFIX, check_video_filter
 from pipeline.store import open_store
@@ -206,6 +206,18 @@ class AskResult:
 
 
 @dataclass(frozen=True)
+class RankedVideo:
+    """A video of the library ranked for a question."""
+
+    video: IndexedVideo
+    relevance: float  # the QC-Comp re-rank's statistic (higher: holds more of what the question names)
+    vector_rank: int  # its place in the vector search's order (0: the nearest frame's video)
+
+    def to_dict(self) -> dict:
+        return {"video": self.video.to_dict(), "relevance": self.relevance, "vector_rank": self.vector_rank}
+
+
+@dataclass(frozen=True)
 class Moment:
     """A search hit: a frame of a video and its QC score for the query."""
 
@@ -275,13 +287,6 @@ def find_video(catalog: Catalog, spec: str) -> VideoRow:
     return resolve_video(catalog.list_videos(), catalog.serving_videos(), spec)
 
 
-def question_vector(backbone, ctx: QuestionContext, layer: int) -> np.ndarray:
-    """The question's pooled pre-RoPE queries at `layer` (user's words only), comparable
-    with the frame vectors the encoder stored (model/encoder.py)."""
-    with torch.inference_mode():
-        return query_vector(question_queries(backbone, ctx, layer), backbone.decoder.config.num_key_value_heads)
-
-
 def check_text(text: str, what: str = "question") -> str:
     """A question or query: some words, at most MAX_QUESTION_CHARS characters."""
     if not isinstance(text, str) or not text.strip():
@@ -312,6 +317,14 @@ def model_for(models: dict[str, ModelRecord], model_fp: str, default: str) -> st
     """What wrote `model_fp`'s caches: the registered model, else `default`."""
     record = models.get(model_fp)
     return record.model if record is not None else default
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    row: VideoRow
+    vector_rank: int
+    relevance: float
+    scores: FrameScores | None  # what the answer can reuse (None: it scores afresh)
 
 
 @dataclass
@@ -407,17 +420,38 @@ class Index:
                 ranked = self._candidates(question, contexts, LIBRARY_CANDIDATES)
                 opened = self._open(ranked)
                 t1 = time.perf_counter()
-                ranking = [self._rank(v, opened[v.video_id], question, contexts, k, score, answer) for v in ranked]
-                best = int(np.argmax([r for r, _ in ranking]))  # ties: the vector search's order
-                row, scores = ranked[best], ranking[best][1]  # the answer reuses the winner's scores, if any
-                readers, candidates = opened[row.video_id], len(ranked)
-                t2 = time.perf_counter()
+                best = self._rerank(ranked, opened, question, contexts, k, score, answer)[0]
+                row, scores, readers = best.row, best.scores, opened[best.row.video_id]  # reuse its scores, if any
+                candidates, t2 = len(ranked), time.perf_counter()
             kept = frames_kept(k, row, sum(r.frames for r in readers))
             result = ask(self._backbone(row.model_fp), readers, self._context(question, row.model_fp, contexts),
                          kept, score, answer, generation, scores=scores, map=self._map)
             timings = {"open": t1 - t0, "rank": t2 - t1, **{n: result.timings[n] for n in ("score", "read", "answer")},
                        "total": time.perf_counter() - t0}
             return AskResult(question, IndexedVideo.from_row(row), result, candidates, self.reads - before, timings)
+
+    def rank(self, question: str, candidates: int | None = LIBRARY_CANDIDATES) -> list[RankedVideo]:
+        """The library's videos for `question`, best first: the vector search's
+        `candidates` nearest videos (per model), re-ranked by QC-Comp from their cached
+        K/V, as a library question picks the video it answers from. candidates=None
+        re-ranks every ready video (no vector stage: QC-Comp alone, reads every cache)."""
+        check_text(question)
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
+                                       or candidates < 1):
+            raise QueryError(f"candidates={candidates!r}: must be an integer >= 1, or None for every video")
+        with self._lock:
+            self._refresh()
+            contexts: dict[str, QuestionContext] = {}
+            ranked = self._candidates(question, contexts, candidates)
+            return [RankedVideo(IndexedVideo.from_row(r.row), r.relevance, r.vector_rank)
+                    for r in self._rerank(ranked, self._open(ranked), question, contexts, None, "fast", "cached")]
+
+    def _rerank(self, ranked: list[VideoRow], opened: dict[str, list[WindowReader]], question: str, contexts: dict,
+                k: int | None, score: str, answer: str) -> list[_Ranked]:
+        """The vector search's candidates `ranked`, best QC relevance first (ties: vector order)."""
+        out = [_Ranked(v, i, *self._rank(v, opened[v.video_id], question, contexts, k, score, answer))
+               for i, v in enumerate(ranked)]
+        return sorted(out, key=lambda r: (-r.relevance, r.vector_rank))
 
     def _rank(self, video: VideoRow, readers: list[WindowReader], question: str, contexts: dict, k: int | None,
               score: str, answer: str) -> tuple[float, FrameScores | None]:
@@ -428,7 +462,7 @@ class Index:
         bb, ctx = self._backbone(video.model_fp), self._context(question, video.model_fp, contexts)
         freq = training_word_frequency(bb)
         if freq is not None:
-            return subject_relevance(bb, readers, ctx, freq), None
+            return subject_relevance(bb, readers, ctx, freq, map=self._map), None
         n = sum(r.frames for r in readers)
         keep = min(k or DEFAULT_K, n) if (score, answer) == ("exact", "cached") else 0  # as `ask` keeps
         scores = score_frames(bb, readers, ctx, score, keep=keep, map=self._map)
@@ -544,12 +578,13 @@ class Index:
                 self._readers.popitem(last=False)
         return out
 
-    def _candidates(self, question: str, contexts: dict[str, QuestionContext], per_model: int,
+    def _candidates(self, question: str, contexts: dict[str, QuestionContext], per_model: int | None,
                     allowed: set[str] | None = None) -> list[VideoRow]:
         """Candidate videos for a library question, best first by vector search: every
         serving video (of `allowed`, if given) may be one, searched under the model that
         serves it. Vectors of different models are not comparable, so each model's frames
-        are searched with its own question vector and the hit lists interleaved."""
+        are searched with its own question vector and the hit lists interleaved.
+        per_model=None: every video, those the search did not reach after its hits."""
         serving = [v for v in self._snap.serving.values() if allowed is None or v.video_id in allowed]
         if not serving:
             if allowed is not None:
@@ -563,11 +598,11 @@ class Index:
             first = next(iter(ready.values()))
             fast_layers = self._open([first])[first.video_id][0].meta.fast_layers
             vector = question_vector(self._backbone(model_fp), self._context(question, model_fp, contexts),
-                                     frame_vector_layer(fast_layers))
+                                     fast_layers)
             hits = self._snap.catalog.search_frames(vector, model_fp, limit=SEARCH_FRAMES,
                                                     video_ids=list(ready) if allowed is not None else None)
-            ranked.append(list(dict.fromkeys(v for v in hits.column("video_id").to_pylist() if v in ready))
-                          [:per_model])
+            order = list(dict.fromkeys(v for v in hits.column("video_id").to_pylist() if v in ready))
+            ranked.append(order[:per_model] if per_model is not None else list(dict.fromkeys([*order, *ready])))
         merged = dict.fromkeys(vid for rank in zip_longest(*ranked) for vid in rank if vid is not None)
         if not merged and allowed is None:
             raise QueryError(f"index {self.uri}: the frame search found no candidate video")

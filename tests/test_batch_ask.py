@@ -28,7 +28,7 @@ from model.synth import COLOURS, SHAPES
 from pipeline.catalog import Catalog
 from pipeline.query import Index, QueryError, readers_for
 from pipeline.store import open_store
-from tests.test_ray_job import ray_head, submit
+from tests.rayjobs import submit
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,7 @@ def same_as_index(row: dict, ref) -> None:
         d["k"], d["candidates"], d["score_mode"], d["answer_mode"])
 
 
-def test_thousand_questions_as_a_ray_job(tiny, tmp_path):
+def test_thousand_questions_as_a_ray_job(tiny, tmp_path, ray_job_head):
     """1,000 questions over 50 videos (20 each, rows interleaved, each video named three
     ways), parquet in and out, through `ray job submit -- python -m jobs.ask`. First in
     the module: the in-process tests' local Ray is not up yet."""
@@ -131,11 +131,11 @@ def test_thousand_questions_as_a_ray_job(tiny, tmp_path):
     pq.write_table(questions, tmp_path / "questions.parquet")
     out = tmp_path / "answers.parquet"
 
-    with ray_head() as (address, env):
-        t0 = time.perf_counter()
-        job = submit(address, env, "jobs.ask", "--index", str(index), "--questions",
-                     str(tmp_path / "questions.parquet"), "--out", str(out), "--address", "auto", "--no-progress")
-        print(f"ray job: {time.perf_counter() - t0:.1f} s")
+    address, env = ray_job_head
+    t0 = time.perf_counter()
+    job = submit(address, env, "jobs.ask", "--index", str(index), "--questions",
+                 str(tmp_path / "questions.parquet"), "--out", str(out), "--address", "auto", "--no-progress")
+    print(f"ray job: {time.perf_counter() - t0:.1f} s")
     assert "1000 questions: 1000 answered, 0 errors; 50 videos" in job.stdout, job.stdout[-2000:]
 
     rows = pq.read_table(out).to_pylist()

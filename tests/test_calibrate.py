@@ -9,18 +9,19 @@ checkpoint in memory, as bench/library.py does, and asks each needle's questions
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
-from bench.library import matches
 from bench.needle import build_cache
 from model.calibrate import (WordFrequency, WordScores, contrast_relevance, library_zscore, neutral_context,
                              relevance, subject_relevance, synth_questions, word_relevance, word_scores)
 from model.config import IndexConfig
 from model.encoder import WindowEncoder
 from model.qccomp import QuestionContext, score_frames
-from model.synth import make_question, make_video
+from model.synth import make_question, make_video, shows_subject
 
 SEED = 6_000_000_000  # held out from training, bench/needle.py and bench/library.py
 
@@ -135,6 +136,8 @@ def test_subject_relevance_is_exact_first_layer_content_min(encoder, library):
     ws = word_scores(bb, readers, ctx, "exact", (1,))
     want = max(min(ws.relative[n, r] for r in np.nonzero(rows)[0]) for n in range(96))
     assert subject_relevance(bb, readers, ctx, freq, 0.3) == pytest.approx(want, rel=1e-12)
+    with ThreadPoolExecutor(4) as pool:  # window reads run concurrently: the same scores
+        assert subject_relevance(bb, readers, ctx, freq, 0.3, map=pool.map) == pytest.approx(want, rel=1e-12)
 
 
 def test_planted_subject_ranks_first(encoder, library):
@@ -151,7 +154,7 @@ def test_planted_subject_ranks_first(encoder, library):
     for i, source in enumerate(videos):
         for kind in ("colour", "shape", "when"):
             q = make_question(source, rng, kind)
-            holds = [any(matches(kind, source.needle, e) for e in v.events) for v in videos]
+            holds = [any(shows_subject(kind, source.needle, e) for e in v.events) for v in videos]
             ctx = QuestionContext.build(bb, q.text)
             assert int(freq.content_rows(bb, ctx).sum()) == (2 if kind == "when" else 1), q.text  # subject words
             best = int(np.argmax([subject_relevance(bb, r, ctx, freq) for r in caches]))

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from model.config import IndexConfig, lp_schedule
-from model.encoder import WindowEncoder, WindowInput, frame_vectors, query_vector
+from model.encoder import WindowEncoder, WindowInput
 from model.kvcache import reader_from_bytes, sha256_hex
 from model.lpcomp import prefill_windows
+from model.retrieval import attach_head, vector_layer
 from tests.tolerance import assert_close_scaled
 
 DURATION = 120.0
@@ -58,12 +59,23 @@ def test_objects_hold_exactly_the_prefill_kv(encoder):
             assert torch.equal(reader.score_keys(l), kv.keys[l])
         assert torch.equal(reader.embeddings(), emb)
 
-        # Frame vectors: pooled keys of the vector layer, unit norm.
-        kvh, hd = kv.keys[0].shape[2:]
-        assert e.frame_vectors.shape == (len(w.times), kvh * hd) and e.frame_vectors.dtype == np.float32
+        # Frame vectors: the checkpoint's retrieval head over the frames' embeddings, unit norm.
+        assert e.frame_vectors.shape == (len(w.times), bb.retrieval.cfg.dim) and e.frame_vectors.dtype == np.float32
         assert_close_scaled(np.linalg.norm(e.frame_vectors, axis=1), np.ones(len(w.times), np.float32), msg="norms")
-        pooled = kv.keys[encoder.vector_layer].mean(1).flatten(1)
-        assert_close_scaled(e.frame_vectors, (pooled / pooled.norm(dim=1, keepdim=True)).numpy(), msg="frame vectors")
+        with torch.inference_mode():
+            assert_close_scaled(e.frame_vectors, bb.retrieval.embed_frames(emb).numpy(), msg="frame vectors")
+
+
+def test_without_a_head_frame_vectors_are_pooled_keys():
+    encoder = WindowEncoder("tiny", IndexConfig(window=8))
+    attach_head(encoder.backbone, None)
+    (w,) = make_windows(encoder, counts=(5,))
+    (e,) = encoder.encode([w])
+    keys, _ = reader_from_bytes(e.blob, "w").window_kv()
+    pooled = keys[vector_layer(encoder.fast_layers)].mean(1).flatten(1)
+    kvh, hd = keys[0].shape[2:]
+    assert e.frame_vectors.shape == (5, kvh * hd)
+    assert_close_scaled(e.frame_vectors, (pooled / pooled.norm(dim=1, keepdim=True)).numpy(), msg="frame vectors")
 
 
 def test_encoding_is_deterministic(encoder):
@@ -71,25 +83,6 @@ def test_encoding_is_deterministic(encoder):
     a, b = encoder.encode(windows)[0], encoder.encode(windows)[0]
     assert a.blob == b.blob and a.sha256 == b.sha256
     np.testing.assert_array_equal(a.frame_vectors, b.frame_vectors)
-
-
-def test_query_vector_matches_mean_attention_logit():
-    """qv . fv (before normalisation) == kv_heads x the mean unscaled q.k logit over query
-    heads, question tokens and frame tokens, with HF's GQA grouping (head h -> kv h // G)."""
-    g = torch.Generator().manual_seed(0)
-    heads, kvh, hd, frames, n, qlen = 4, 2, 8, 5, 3, 6
-    q = torch.randn(qlen, heads, hd, generator=g)
-    keys = torch.randn(frames, n, kvh, hd, generator=g)
-    k_per_head = keys.repeat_interleave(heads // kvh, dim=2)  # [F, n, heads, hd]
-    mean_logit = torch.einsum("qhd,fthd->fqht", q, k_per_head).mean(dim=(1, 2, 3))  # [F]
-
-    qbar = q.mean(0).reshape(kvh, heads // kvh, hd).mean(1).flatten()
-    kbar = keys.mean(1).flatten(1)
-    assert_close_scaled(kbar @ qbar, kvh * mean_logit, msg="logits")
-    assert_close_scaled(query_vector(q, kvh), (qbar / qbar.norm()).numpy(), msg="query vector")
-    assert_close_scaled(frame_vectors(keys), (kbar / kbar.norm(dim=1, keepdim=True)).numpy(), msg="frame vectors")
-    with pytest.raises(ValueError, match="do not group"):
-        query_vector(q, 3)
 
 
 def test_int8_config_changes_fingerprint_and_objects():
@@ -106,7 +99,7 @@ def test_int8_config_changes_fingerprint_and_objects():
         vscale = v32[l].abs().amax(dim=3, keepdim=True) / 127
         assert ((k8[l] - k32[l]).abs() <= kscale / 2 * (1 + 1e-5) + 1e-7).all()
         assert ((v8[l] - v32[l]).abs() <= vscale / 2 * (1 + 1e-5) + 1e-7).all()
-    np.testing.assert_array_equal(e8.frame_vectors, e32.frame_vectors)  # vectors come from unquantised keys
+    np.testing.assert_array_equal(e8.frame_vectors, e32.frame_vectors)  # vectors come from the frames, not the cache
 
 
 def test_bad_windows_are_clear_errors(encoder):

@@ -6,7 +6,9 @@ a pick is right when the picked clip has an event of that colour and shape.
 
 The uncalibrated ranking (`FrameScores.relevance`) is measured on the same questions as
 the floor: the test fails if the calibrated ranking is not right on every question, and
-reports how often the old one was.
+reports how often the old one was. The first stage alone (`Index.rank` with one
+candidate: the video of the frame nearest to the question's vector, the shipped
+retrieval head's) must be right on every question too.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ def test_the_video_holding_the_subject_ranks_first(tmp_path, local_ray, monkeypa
     assert all(holds(q.file, c, s) for q, (c, s) in zip(questions, subjects))
     with Index(index) as ix:
         picked = [ix.ask(q.question, k=4) for q in questions]
+        nearest = [ix.rank(q.question, candidates=1) for q in questions]
     assert all(r.candidates == len(SECONDS) for r in picked)
     right = [holds(r.video.uri, c, s) for r, (c, s) in zip(picked, subjects)]
+    assert all(len(r) == 1 and r[0].vector_rank == 0 for r in nearest)
+    assert all(holds(r[0].video.uri, c, s) for r, (c, s) in zip(nearest, subjects)), "the vector stage missed"
     monkeypatch.setattr("pipeline.query.training_word_frequency", lambda backbone: None)
     with Index(index) as ix:  # the floor: the uncalibrated ranking
         floor = [holds(ix.ask(q.question, k=4).video.uri, c, s) for q, (c, s) in zip(questions, subjects)]

@@ -100,6 +100,16 @@ def test_library_question_answers_the_best_scoring_video(indexed, tiny, capsys):
     assert out["answer"] == ref.text.strip()
     np.testing.assert_allclose([e["time"] for e in out["evidence"]], ref.times)
 
+    with Index(index) as ix:  # the ranking behind it, in the open: every video, best relevance first
+        ranked = ix.rank(q.question)
+        assert [r.video.video_id for r in ranked] == [v.video_id for v in sorted(
+            videos, key=lambda v: -relevance[videos.index(v)])]
+        np.testing.assert_allclose([r.relevance for r in ranked], sorted(relevance, reverse=True))
+        assert sorted(r.vector_rank for r in ranked) == list(range(len(videos)))
+        assert [r.video.video_id for r in ix.rank(q.question, candidates=None)] == [r.video.video_id for r in ranked]
+        (nearest,) = ix.rank(q.question, candidates=1)
+        assert nearest.vector_rank == 0
+
 
 def reference_moments(tiny, index: str, query: str, uri_part: str = "") -> list[tuple[str, float, float]]:
     """(video_id, time, relative score) of every frame of every served video, best first."""
@@ -193,6 +203,8 @@ def test_api_errors_are_typed(indexed, tmp_path):
             ix.ask("what colour ?", video=ids[0], k=0)
         with pytest.raises(QueryError, match="score 'slow'"):
             ix.ask("what colour ?", score="slow")
+        with pytest.raises(QueryError, match="candidates=0: must be an integer >= 1, or None"):
+            ix.rank("what colour ?", candidates=0)
         with pytest.raises(QueryError, match="';' is not allowed"):
             ix.search("red", where="uri = 'a'; DROP TABLE videos")
         assert ix.search("red", where="uri = 'no such video'") == []

@@ -1,21 +1,12 @@
 """Ingest on real Ray clusters: several nodes (ray.cluster_utils.Cluster, one node with a
-logical GPU, a node removed mid-run) and a job sent with `ray job submit` to a
-`ray start --head` cluster. Each test starts and stops its own cluster."""
+logical GPU, a node removed mid-run) and jobs sent with `ray job submit` to the session's
+`ray start --head` cluster (tests/rayjobs.py)."""
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,10 +15,10 @@ import torch
 from pipeline.catalog import Catalog
 from pipeline.ingest import IngestConfig, ingest
 from model.config import IndexConfig
+from tests.rayjobs import submit
 from tests.videos import make_text_file, make_video
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).with_name("ray")
 INDEX_CFG = IndexConfig(window=4)
 pytestmark = pytest.mark.slow
 
@@ -38,12 +29,6 @@ def archive(folder: Path, videos: int = 4) -> Path:
         make_video(folder / f"v{i}.mp4", seconds=12 + 4 * i, fps=5, size=(48, 64), gop=10)
     make_text_file(folder / "broken.mp4")
     return folder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_multi_node_gpu_placement_and_node_loss(tmp_path):
@@ -60,10 +45,10 @@ def test_multi_node_gpu_placement_and_node_loss(tmp_path):
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=False)
         cluster.wait_for_nodes()
 
-        src = archive(tmp_path / "a")
+        src = archive(tmp_path / "a", videos=2)
         cfg = IngestConfig(source=str(src), index=str(tmp_path / "idx"), index_cfg=INDEX_CFG, progress=False)
         summary = ingest(cfg)
-        assert (summary.ready, summary.failed) == (4, 1), summary.failures
+        assert (summary.ready, summary.failed) == (2, 1), summary.failures
         assert summary.encode_nodes == [gpu_node.node_id]
         devices = ray.get(ray.remote(num_gpus=1)(lambda: (torch.cuda.is_available(),
                                                            os.environ.get("CUDA_VISIBLE_DEVICES"))).remote())
@@ -91,22 +76,22 @@ def test_multi_node_gpu_placement_and_node_loss(tmp_path):
         cluster.shutdown()
 
 
-def test_ray_job_submit_to_a_local_head(tmp_path):
+def test_ray_job_submit_to_a_local_head(tmp_path, ray_job_head):
     """`ray start --head` on loopback, `ray job submit -- python -m jobs.ingest ...`, then
     `python -m jobs.nightly CONFIG` the same way; the catalog the jobs wrote is then read
     from this (another) process."""
     src = archive(tmp_path / "src", videos=2)
     index = tmp_path / "index"
-    with ray_head() as (address, env):
-        job = submit(address, env, "jobs.ingest", str(src), "--index", str(index), "--window", "4",
-                     "--address", "auto", "--max-failed", "1", "--no-progress")
-        assert "2 ready, 1 failed" in job.stdout
-        # the nightly entry point, as a RayCronJob runs it: joins the job's cluster by itself
-        make_video(src / "v2.mp4", seconds=10, fps=5, size=(48, 64), gop=10)  # a new video for the night
-        config = tmp_path / "nightly.yaml"
-        config.write_text(f"sources: [{src}]\nindex: {index}\nwindow: 4\nprune: {{enabled: true, max_prune: 0.5}}\n")
-        job = submit(address, env, "jobs.nightly", str(config), "--no-progress")
-        assert "1 ready, 0 failed" in job.stdout and "1 sources" in job.stdout
+    address, env = ray_job_head
+    job = submit(address, env, "jobs.ingest", str(src), "--index", str(index), "--window", "4",
+                 "--address", "auto", "--max-failed", "1", "--no-progress")
+    assert "2 ready, 1 failed" in job.stdout
+    # the nightly entry point, as a RayCronJob runs it: joins the job's cluster by itself
+    make_video(src / "v2.mp4", seconds=10, fps=5, size=(48, 64), gop=10)  # a new video for the night
+    config = tmp_path / "nightly.yaml"
+    config.write_text(f"sources: [{src}]\nindex: {index}\nwindow: 4\nprune: {{enabled: true, max_prune: 0.5}}\n")
+    job = submit(address, env, "jobs.nightly", str(config), "--no-progress")
+    assert "1 ready, 0 failed" in job.stdout and "1 sources" in job.stdout
 
     catalog = Catalog(str(index))  # another process than the job's drivers
     rows = {Path(v.uri).name: v for v in catalog.list_videos()}
@@ -116,56 +101,3 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
     assert {r["source"] for r in catalog.runs(2)} == {"framekv nightly", str(src)}  # the night and its ingest
 
 
-@contextmanager
-def ray_head():
-    """`ray start --head` on loopback, token auth on with a token of its own; yields the
-    job server's address and the environment to submit with."""
-    port, dashboard = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="fkv", dir="/tmp")  # short: Ray puts sockets in it
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 180
-        while True:  # the job server answers (401 without a token is an answer)
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-                time.sleep(1)
-        yield address, env
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def submit(address: str, env: dict, module: str, *args: str) -> subprocess.CompletedProcess:
-    """`ray job submit -- python -m MODULE ARGS`, retried while the head's job agent is not up."""
-    deadline = time.monotonic() + 300  # the head's job agent may start well after its HTTP server answers
-    while True:
-        job = subprocess.run(
-            [str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env-json", '{"excludes": [".venv", ".git", "demo-index", "demo-archive", '
-                                   '"bench/scratch"], "env_vars": {"HF_HUB_OFFLINE": "1"}}',
-             "--", sys.executable, "-m", module, *args],
-            env=env, capture_output=True, text=True, timeout=900,
-        )
-        if "No available agent to submit job" not in job.stderr + job.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in job.stdout, job.stdout[-3000:]
-    return job

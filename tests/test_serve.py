@@ -84,10 +84,8 @@ def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory, local_ray):
-    root = tmp_path_factory.mktemp("serve")
-    index, questions = ingest_clips(root)
-    return root, index, questions
+def indexed(served_index, local_ray):
+    return served_index
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from framekv import Index
 from jobs.serve import create_app
-from tests.test_serve import SECONDS, TOKEN, free_port, ingest_clips
+from tests.test_serve import SECONDS, TOKEN, free_port
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -22,10 +22,8 @@ WAIT = 60  # seconds for the page to answer (a question, then its frames)
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory, local_ray):
-    root = tmp_path_factory.mktemp("page")
-    index, questions = ingest_clips(root)
-    return root, index, questions
+def indexed(served_index):
+    return served_index
 
 
 @pytest.fixture(scope="module")
