@@ -133,12 +133,13 @@ def ask(
         if answer_mode == "cached":
             keys, values = read_selected_kv(readers, picked, map=map)
             t2 = time.perf_counter()
-            gen = answer_cached(backbone, ctx, keys, values, generation)
+            gen = answer_cached(backbone, ctx, keys, values, generation, times=picked.times,
+                                policy=readers[0].meta.policy)
         else:
             comp = stored_compression(backbone, readers[0], comp)
             embs = read_selected_embeddings(readers, picked, map=map)
             t2 = time.perf_counter()
-            gen = answer_embeddings(backbone, ctx, embs, comp, generation)
+            gen = answer_embeddings(backbone, ctx, embs, comp, generation, times=picked.times)
     t3 = time.perf_counter()
     return Answer(
         text=gen.text, token_ids=gen.token_ids, mode=answer_mode, score_mode=score_mode, k=k,

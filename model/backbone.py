@@ -7,11 +7,14 @@
     ids = bb.prefix_ids(); q_ids, q_mask = bb.question_ids("what colour is the star?")
 
 Device and dtype are chosen at run time: CUDA + bf16 when available, else CPU fp32.
-Families: `tiny` (model/tiny.py) and `llava_onevision` (LlavaOnevisionForConditionalGeneration,
-Qwen2 text decoder), run as transformers runs a video: the video processor's normalisation,
-the model's own `get_video_features` (bilinear pooling of the g x g patch grid to
-ceil(g/2) x ceil(g/2), so n0 = 196 at 384 px with 14 px patches) and its `image_newline`
-once after the last frame (`LlavaOnevisionBackbone`).
+Families (`FAMILIES`, keyed by config.json's model_type): `tiny` (model/tiny.py),
+`llava_onevision` (model/families/llava_onevision.py) and `qwen2_5_vl`
+(model/families/qwen2_5_vl.py), each run as transformers runs a video (docs/MODELS.md).
+
+Positions: a 1-D family gives each token one index, and LP-Comp renumbers the kept
+tokens 0..len-1 after every drop. A `rope_3d` family (Qwen2.5-VL's M-RoPE) gives every
+frame token a (t, h, w) id from `frame_positions` and text one id on all three axes;
+ids are coordinates, so kept tokens keep theirs (model/positions.py).
 
 A checkpoint's own Python code (`auto_map` in its configs) runs only with
 `load_backbone(spec, trust_remote_code=True)`, which only the user's `--trust-remote-code`
@@ -23,10 +26,10 @@ transformers asks on stdin whether to run such code.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-import math
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +72,23 @@ class Backbone(nn.Module):
     lm_head: nn.Linear
     tokenizer: object  # PreTrainedTokenizerFast
     retrieval = None  # model/retrieval.py RetrievalHead shipped with the checkpoint, if any
+
+    frame_unit: int = 1  # decoded frames per cached frame (Qwen2.5-VL: 2, a tubelet)
+    rope_3d: bool = False  # (t, h, w) position ids per token (M-RoPE), else one index
+
+    def unit_times(self, times) -> np.ndarray:
+        """Timestamps [F] of decoded frames -> of the cached frame units [ceil(F / frame_unit)]:
+        each unit's first frame."""
+        return np.asarray(times, dtype=np.float64)[:: self.frame_unit]
+
+    def frame_positions(self, times: Tensor) -> Tensor:
+        """rope_3d families: cached frames' times [F] -> (t, h, w) ids [F, n0, 3] of their
+        tokens, counted from the first video token (which sits right after the prefix)."""
+        raise NotImplementedError(f"{type(self).__name__} has 1-D positions")
+
+    def text_offset(self) -> int:
+        """rope_3d families: the first text token after the video sits at P + this id."""
+        raise NotImplementedError(f"{type(self).__name__} has 1-D positions")
 
     @property
     def device(self) -> torch.device:
@@ -138,128 +158,8 @@ def question_template(tokenizer) -> tuple[str, str, str]:
     return "<|im_start|>user\n", "\n", "<|im_end|>\n<|im_start|>assistant\n"
 
 
-@dataclass(frozen=True)
-class VideoPreprocess:
-    """What LlavaOnevisionVideoProcessor does to frames, from the checkpoint's processor config.
-
-    framekv decodes frames at the processor's (height, width) already, so its bicubic
-    resize is the identity and only the rescale + normalisation remain, computed as
-    transformers' fused `rescale_and_normalize` does (mean and std divided by the rescale
-    factor, then (x - mean) / std in float32). The processor class itself needs
-    torchvision, which framekv does not depend on; its defaults and file lookup are used.
-    """
-
-    size: tuple[int, int]  # (H, W)
-    do_rescale: bool
-    rescale_factor: float
-    do_normalize: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> VideoPreprocess:
-        """The processor config transformers would load for `path` (processor_config.json's
-        video_processor, else video_preprocessor_config.json, else preprocessor_config.json),
-        over LlavaOnevisionVideoProcessor's class defaults."""
-        # the module itself: transformers' top-level name is a placeholder without torchvision
-        from transformers.models.llava_onevision.video_processing_llava_onevision import (
-            LlavaOnevisionVideoProcessor as P)
-
-        try:
-            raw, _ = P.get_video_processor_dict(path)
-        except OSError as e:
-            raise ValueError(f"model {path!r} has no video processor config (processor_config.json, "
-                             "video_preprocessor_config.json or preprocessor_config.json): its frame "
-                             f"normalisation is unknown ({e})") from None
-        keys = ("size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-        cfg = {k: getattr(P, k) for k in keys} | {k: raw[k] for k in keys if k in raw}
-        size = cfg["size"]
-        if set(size) != {"height", "width"}:
-            raise ValueError(f"model {path!r}: video processor size {size} is not {{height, width}}, "
-                             "the only form LLaVA-OneVision's video path uses")
-        return cls(size=(int(size["height"]), int(size["width"])), do_rescale=bool(cfg["do_rescale"]),
-                   rescale_factor=float(cfg["rescale_factor"]), do_normalize=bool(cfg["do_normalize"]),
-                   mean=tuple(cfg["image_mean"]), std=tuple(cfg["image_std"]))
-
-    def __call__(self, frames: Tensor) -> Tensor:
-        """uint8 [F, H, W, 3] RGB at `size` -> float32 pixel values [F, 3, H, W]."""
-        x = frames.permute(0, 3, 1, 2).to(torch.float32)
-        if self.do_normalize:
-            scale = 1.0 / self.rescale_factor if self.do_rescale else 1.0
-            mean = (torch.tensor(self.mean, device=x.device) * scale).view(1, -1, 1, 1)
-            std = (torch.tensor(self.std, device=x.device) * scale).view(1, -1, 1, 1)
-            return (x - mean) / std
-        return x * self.rescale_factor if self.do_rescale else x
-
-
-class LlavaOnevisionBackbone(Backbone):
-    """LLaVA-OneVision / LLaVA-Video: SigLIP tower + projector + Qwen2 decoder, video path.
-
-    Token layout, as transformers' processor and forward build it for one video of F frames:
-    `prefix | F x n0 frame tokens | image_newline | question`. n0 = ceil(g/2)^2 for the
-    vision tower's g x g patch grid (g = image_size // patch_size). The newline is one
-    learned embedding per video, after the last frame, so it is not a frame token: it
-    travels with the question as the `<video>` placeholder id that `question_ids` puts
-    first and `embed_ids` replaces by `image_newline`, exactly as transformers scatters
-    video features over the placeholder ids. The selected frames of an answer are the
-    video it follows.
-    """
-
-    def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess: VideoPreprocess):
-        super().__init__()
-        self.vlm = model
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
-        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
-        vc = model.config.vision_config
-        if preprocess.size != (vc.image_size, vc.image_size):
-            raise ValueError(f"model {model_id}: video processor size {preprocess.size} differs from the vision "
-                             f"tower's {vc.image_size} x {vc.image_size}; transformers' pooling needs them equal")
-        grid = vc.image_size // vc.patch_size
-        self.pooled_grid = (math.ceil(grid / 2), math.ceil(grid / 2))  # as LlavaOnevisionModel.apply_pooling
-        self.n0 = self.pooled_grid[0] * self.pooled_grid[1]
-        self.image_size = preprocess.size
-        self.video_token_id = model.config.video_token_id
-        self._prefix, self._before, self._after = question_template(tokenizer)
-
-    def embed_frames(self, frames, times, duration: float) -> Tensor:
-        """transformers' `get_video_features` over the window's frames, its trailing
-        image_newline left to the question: -> [F, n0, D], pooled grid row-major."""
-        frames, _ = self.check_frames(frames, times)
-        pixels = self.preprocess(frames).to(self.dtype)
-        feats = self.vlm.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
-        f = frames.shape[0]
-        if feats.shape[:2] != (1, f * self.n0 + 1):
-            raise RuntimeError(f"transformers' LLaVA-OneVision video features have shape {tuple(feats.shape)}, "
-                               f"expected [1, {f} x {self.n0} + 1 newline, D]: its pooling changed")
-        return feats[0, :-1].reshape(f, self.n0, -1)
-
-    def embed_ids(self, ids: Tensor) -> Tensor:
-        """Token embeddings [..., D]; the `<video>` placeholder id becomes image_newline."""
-        ids = ids.to(self.device)
-        emb = self.decoder.embed_tokens(ids)
-        slot = (ids == self.video_token_id)[..., None]
-        return torch.where(slot, self.vlm.model.image_newline.to(emb.dtype), emb)
-
-    def _ids(self, text: str) -> Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    def prefix_ids(self) -> Tensor:
-        return self._ids(self._prefix)
-
-    def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
-        """[newline slot | template | words | template]; the mask marks the words."""
-        if not question.strip():
-            raise ValueError("question is empty")
-        parts = [torch.tensor([self.video_token_id]), self._ids(self._before), self._ids(question.strip()),
-                 self._ids(self._after)]
-        mask = torch.cat([torch.full((len(p),), i == 2, dtype=torch.bool) for i, p in enumerate(parts)])
-        return torch.cat(parts), mask
-
-
 @contextmanager
-def _remote_code_refused(spec: str, trust_remote_code: bool):
+def remote_code_refused(spec: str, trust_remote_code: bool):
     """transformers' refusal of a checkpoint's own code, re-raised naming the way to allow it."""
     try:
         yield
@@ -271,30 +171,44 @@ def _remote_code_refused(spec: str, trust_remote_code: bool):
                          "(load_backbone(..., trust_remote_code=True)) to run it") from None
 
 
-def _load_llava_onevision(path: str, model_id: str, revision: str, device, dtype,
-                          trust_remote_code: bool) -> LlavaOnevisionBackbone:
-    """Weights always go into transformers' own LLaVA-OneVision class; a checkpoint's code
-    can only be reached through its tokenizer/config `auto_map`, with trust_remote_code."""
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-
-    with _remote_code_refused(path, trust_remote_code):
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def use_processor_template(tokenizer, path: str) -> None:
+    """A processor-level chat template (chat_template.json, as LLaVA and Qwen-VL ship it)
+    for a tokenizer that has none of its own."""
     processor_template = Path(path) / "chat_template.json"
     if not getattr(tokenizer, "chat_template", None) and processor_template.is_file():
         tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")
-    preprocess = VideoPreprocess.from_pretrained(path)
-    return LlavaOnevisionBackbone(model, tokenizer, model_id, revision, preprocess).to(device)
 
 
-def _family(config: dict) -> str:
-    if config.get("family") == "tiny":
-        return "tiny"
-    if config.get("model_type") == "llava_onevision":
-        return "llava_onevision"
-    raise ValueError(f"unsupported model family {config.get('model_type') or config.get('family')!r}; "
-                     "supported: tiny, llava_onevision")
+def _load_tiny(path: str, model_id: str, revision: str, device, dtype, trust_remote_code: bool) -> Backbone:
+    from model.tiny import TinyVLM
+
+    bb = TinyVLM.load(Path(path), model_id=model_id, revision=revision).to(device).eval()
+    for p in bb.parameters():  # parameters only: rotary/time buffers stay fp32, as in HF
+        p.data = p.data.to(dtype)
+    return bb
+
+
+def _import_loader(module: str) -> Callable[..., Backbone]:
+    """`module`'s load, imported on first use: loading one family never imports another's."""
+    def load(*args):
+        return importlib.import_module(module).load(*args)
+    return load
+
+
+# family -> load(path, model_id, revision, device, dtype, trust_remote_code) -> Backbone.
+# A family is the `model_type` of a checkpoint's config.json ("family" for framekv's own tiny);
+# each lives in one module of model/families/, imported when a checkpoint of it is loaded.
+FAMILIES: dict[str, Callable[..., Backbone]] = {
+    "tiny": _load_tiny,
+    "llava_onevision": _import_loader("model.families.llava_onevision"),
+    "qwen2_5_vl": _import_loader("model.families.qwen2_5_vl"),
+}
+
+
+def _family(model_type: str | None, spec: str) -> Callable[..., Backbone]:
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model family {model_type!r} for {spec}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = False) -> Backbone:
@@ -308,26 +222,20 @@ def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = 
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"model directory {path} has no config.json")
-        family = _family(json.loads(cfg_file.read_text()))
-        revision = dir_revision(path)
+        config = json.loads(cfg_file.read_text())
+        load = _family("tiny" if config.get("family") == "tiny" else config.get("model_type"), str(path))
         model_id = "framekv/tiny" if spec == "tiny" else str(path.resolve())
-        if family == "tiny":
-            from model.tiny import TinyVLM
-
-            bb = TinyVLM.load(path, model_id=model_id, revision=revision).to(device).eval()
-            for p in bb.parameters():  # parameters only: rotary/time buffers stay fp32, as in HF
-                p.data = p.data.to(dtype)
-        else:
-            bb = _load_llava_onevision(str(path), model_id, revision, device, dtype, trust_remote_code)
+        bb = load(str(path), model_id, dir_revision(path), device, dtype, trust_remote_code)
         attach_head(bb, load_head(path, bb.decoder.config.hidden_size))
         return bb
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ValueError(f"model {spec!r} is neither 'tiny', an existing directory, nor a hub id (org/name)")
     from transformers import AutoConfig
 
-    with _remote_code_refused(spec, trust_remote_code):  # needs a reachable hub (or its local cache)
+    with remote_code_refused(spec, trust_remote_code):  # needs a reachable hub (or its local cache)
         config = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
-    if config.model_type != "llava_onevision":
-        raise ValueError(f"unsupported model family {config.model_type!r} for {spec}; supported: llava_onevision")
+    if config.model_type == "tiny":
+        raise ValueError(f"model {spec!r}: the tiny family loads only from a local directory")
+    load = _family(config.model_type, spec)
     revision = getattr(config, "_commit_hash", None) or "main"
-    return _load_llava_onevision(spec, spec, revision, device, dtype, trust_remote_code)
+    return load(spec, spec, revision, device, dtype, trust_remote_code)

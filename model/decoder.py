@@ -22,8 +22,13 @@ Usage:
 
 Masking: token i attends every valid past key and every valid new key j <= i
 (causal by index), so padding may sit anywhere (ragged frames, ragged text); a
-token's rotary position is its layer's past length + the number of valid new
-tokens before it. Shapes: hidden [B, T, D]; keys/values [B, T, kv_heads, head_dim].
+token's rotary position is its layer's `next_position` (the past length for 1-D
+positions) + the number of valid new tokens before it, unless `extend` is given
+explicit positions: [B, T], or [3, B, T] (t, h, w) ids for an M-RoPE decoder, whose
+rotary embedding mixes the three axes itself (Qwen2.5-VL's mrope_section). A cache
+that saw explicit positions continues after the largest id it holds, as transformers'
+rope_deltas place the tokens generated after an M-RoPE prompt.
+Shapes: hidden [B, T, D]; keys/values [B, T, kv_heads, head_dim].
 CPU: SDPA in the model dtype (fp32); grouped-query attention never repeats the kv
 heads (the query heads of a group attend their kv head as extra query rows).
 CUDA with flash-attn installed: varlen kernel over the valid tokens only.
@@ -51,17 +56,29 @@ class LayerKV:
     keys: Tensor  # [B, S, kv_heads, head_dim], RoPE applied at each token's position
     values: Tensor  # [B, S, kv_heads, head_dim]
     valid: Tensor  # [B, S] bool
+    end: Tensor | None = None  # [B] the next token's position when not `length` (positions_end)
 
     @property
     def length(self) -> Tensor:
-        """Valid tokens per row [B]: the next token's position at this layer."""
+        """Valid tokens per row [B]."""
         return self.valid.sum(1)
 
+    @property
+    def next_position(self) -> Tensor:
+        """[B] the position the next token takes: the length for 0..S-1 positions."""
+        return self.length if self.end is None else self.end
+
     def cat(self, other: LayerKV) -> LayerKV:
+        """self's tokens, then other's: at its `end`, or (None) right after self's."""
+        if other.end is None:
+            end = None if self.end is None else self.end + other.length
+        else:
+            end = torch.maximum(self.next_position, other.end)
         return LayerKV(
             torch.cat([self.keys, other.keys], 1),
             torch.cat([self.values, other.values], 1),
             torch.cat([self.valid, other.valid], 1),
+            end,
         )
 
 
@@ -80,7 +97,8 @@ class KVCache:
         self.values = torch.empty_like(self.keys)
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.used = 0  # slots written, valid or not
-        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # valid tokens: the next position
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)  # valid tokens
+        self.end: Tensor | None = None  # [B] the next position once `append` was given positions
         self.all_valid = True  # no padded slot so far: attention needs no mask for the past
 
     @classmethod
@@ -89,18 +107,27 @@ class KVCache:
         b, s, kvh, hd = past.keys.shape
         cache = cls(b, kvh, hd, s + extra, dtype=past.keys.dtype, device=past.keys.device)
         cache.append(past.keys, past.values, past.valid)
+        cache.end = None if past.end is None else past.end.clone()
         return cache
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    def append(self, keys: Tensor, values: Tensor, valid: Tensor | None = None) -> None:
-        """Write keys (already rotated) and values [B, T, kv_heads, head_dim] into the next T slots."""
+    @property
+    def next_position(self) -> Tensor:
+        """[B] the position the next token takes (LayerKV.next_position)."""
+        return self.length if self.end is None else self.end
+
+    def append(self, keys: Tensor, values: Tensor, valid: Tensor | None = None,
+               positions: Tensor | None = None) -> None:
+        """Write keys (already rotated) and values [B, T, kv_heads, head_dim] into the next T
+        slots; `positions` ([B, T] or [3, B, T]) the keys were rotated at move `next_position`
+        past the largest of them, else the tokens took the next positions in turn."""
         t = keys.shape[1]
         if self.used + t > self.capacity:
             raise ValueError(f"KV cache full: {self.used} of {self.capacity} slots used, {t} more do not fit")
-        end = self.used + t
+        end, before = self.used + t, self.next_position.clone()
         self.keys[:, :, self.used : end] = keys.transpose(1, 2)
         self.values[:, :, self.used : end] = values.transpose(1, 2)
         if valid is None:
@@ -110,6 +137,11 @@ class KVCache:
             self.valid[:, self.used : end] = valid
             self.length += valid.sum(1)
             self.all_valid = self.all_valid and bool(valid.all())
+        written = self.valid[:, self.used : end]
+        if positions is not None:
+            self.end = torch.maximum(before, positions_end(positions, written))
+        elif self.end is not None:  # right after the past, as without an `end`
+            self.end = self.end + written.sum(1)
         self.used = end
 
     def heads(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,6 +165,15 @@ class Extended:
     probs: dict[int, Tensor] = field(default_factory=dict)  # layer -> [B, heads, R, S_l]
 
 
+def positions_end(positions: Tensor, valid: Tensor) -> Tensor:
+    """[B] one past the largest position id of the valid tokens (0 for none): where the
+    next token goes. positions [B, T] or [3, B, T] (the largest over the three axes)."""
+    pos = positions if positions.dim() == 2 else positions.amax(0)
+    if pos.shape[1] == 0:
+        return pos.new_zeros(pos.shape[0])
+    return pos.masked_fill(~valid, -1).amax(1) + 1
+
+
 def positions_for(valid: Tensor, start: Tensor | int = 0) -> Tensor:
     """Rotary positions [B, T]: `start` + number of valid tokens before each token."""
     pos = valid.long().cumsum(1) - 1
@@ -143,7 +184,8 @@ def positions_for(valid: Tensor, start: Tensor | int = 0) -> Tensor:
 
 
 def rotate(decoder, x: Tensor, positions: Tensor) -> Tensor:
-    """Apply the decoder's RoPE to keys or queries x [B, T, h, hd] at positions [B, T]."""
+    """Apply the decoder's RoPE to keys or queries x [B, T, h, hd] at positions [B, T]
+    (or [3, B, T] (t, h, w) ids for an M-RoPE decoder)."""
     cos, sin = decoder.rotary_emb(x, positions)
     out, _ = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=2)
     return out
@@ -215,7 +257,8 @@ def layer_step(
     past: LayerKV | KVCache | None = None,
     prob_rows: Tensor | None = None,
 ) -> LayerOut:
-    """Run decoder layer `layer_idx` on hidden [B, T, D] at rotary `positions` [B, T].
+    """Run decoder layer `layer_idx` on hidden [B, T, D] at rotary `positions` [B, T]
+    (or [3, B, T] M-RoPE ids).
 
     `past` holds keys (already rotated) and values to attend to before the new tokens;
     a KVCache also receives the new tokens' K/V, in place. `prob_rows` (LongTensor [R]
@@ -243,7 +286,7 @@ def layer_step(
         kh, vh = k_rot.transpose(1, 2), v.transpose(1, 2)
     elif isinstance(past, KVCache):
         past_valid, past_all_valid = past.valid[:, : past.used], past.all_valid
-        past.append(k_rot, v, None if new_valid else valid)
+        past.append(k_rot, v, None if new_valid else valid, positions)
         kh, vh, _ = past.heads()
     else:
         past_valid, past_all_valid = past.valid, bool(past.valid.all())
@@ -292,9 +335,12 @@ def extend(
     layers: range | None = None,
     prob_rows: Tensor | None = None,
     prob_layers: tuple[int, ...] = (),
+    positions: Tensor | None = None,
 ) -> Extended:
     """Run new tokens hidden [B, T, D] through `layers` (default all), each layer
-    attending to its own past; positions continue from each layer's past length.
+    attending to its own past; positions continue from each layer's `next_position`,
+    or are `positions` ([B, T] or [3, B, T], the same at every layer: where an M-RoPE
+    model's rules put text after a video).
 
     This is the question/decode side: cached frame KV in `past` (indexed by layer;
     lengths may differ per layer, as LP-Comp leaves them), then question tokens, then
@@ -309,16 +355,13 @@ def extend(
     new_past, probs = [], {}
     for l in layers:
         p = None if past is None else past[l]
-        start = 0 if p is None else p.length
-        out = layer_step(
-            decoder, l, hidden, positions_for(valid, start), valid, p,
-            prob_rows if l in prob_layers else None,
-        )
+        pos = positions if positions is not None else positions_for(valid, 0 if p is None else p.next_position)
+        out = layer_step(decoder, l, hidden, pos, valid, p, prob_rows if l in prob_layers else None)
         hidden = out.hidden
         if isinstance(p, KVCache):
             new_past.append(p)  # layer_step wrote the new tokens into it
         else:
-            mine = LayerKV(out.keys_rot, out.values, valid)
+            mine = LayerKV(out.keys_rot, out.values, valid, positions_end(pos, valid))
             new_past.append(mine if p is None else p.cat(mine))
         if out.probs is not None:
             probs[l] = out.probs

@@ -6,7 +6,9 @@
     out[0].frame_vectors                               # [F, d]
 
 All windows of one call are prefilled in one LP-Comp batch (segment-local, so the
-result does not depend on the batching).
+result does not depend on the batching). A window object holds the backbone's frame
+units: frames, or Qwen2.5-VL's two-frame tubelets (`Backbone.frame_unit`), each stored
+at its first frame's time.
 
 Frame vectors (library search): model/retrieval.py `frame_vectors`, from the frames'
 embeddings through the checkpoint's trained retrieval head, else from the pooled
@@ -25,6 +27,7 @@ from model.backbone import load_backbone
 from model.config import IndexConfig, fingerprint
 from model.kvcache import header_digest, sha256_hex, write_window
 from model.lpcomp import prefill_windows
+from model.positions import POSITIONAL_POLICIES
 from model.retrieval import frame_vectors
 
 
@@ -42,8 +45,8 @@ class EncodedWindow:
     blob: bytes  # the window object (model/kvcache.py)
     sha256: str  # of blob, for the catalog
     header_sha256: str  # of blob's header (model.kvcache.header_digest), for the catalog: range reads check it
-    times: np.ndarray  # [F] seconds
-    frame_vectors: np.ndarray  # [F, d] float32, unit norm (model/retrieval.py)
+    times: np.ndarray  # [F'] seconds of the stored frame units (Backbone.unit_times)
+    frame_vectors: np.ndarray  # [F', d] float32, unit norm (model/retrieval.py)
 
 
 class WindowEncoder:
@@ -57,6 +60,13 @@ class WindowEncoder:
         self.image_size = bb.image_size
         self.fast_layers = cfg.resolved_fast_layers(bb.num_layers)
         dtype = str(bb.dtype).removeprefix("torch.")
+        comp = cfg.compression
+        if cfg.window % bb.frame_unit:
+            raise ValueError(f"window of {cfg.window} frames: model {bb.model_id} encodes frames in units of "
+                             f"{bb.frame_unit}, so a window must be a multiple of {bb.frame_unit} frames")
+        if bb.rope_3d and comp.enabled and comp.policy not in POSITIONAL_POLICIES:
+            raise ValueError(f"model {bb.model_id} places tokens by (t, h, w) ids, which cached frames do not store: "
+                             f"keep policy {comp.policy!r} chooses tokens per frame; use one of {POSITIONAL_POLICIES}")
         self.fingerprint = fingerprint(bb.model_id, bb.revision, dtype, bb.num_layers, bb.n0, cfg)
 
     def _embed(self, w: WindowInput) -> Tensor:
@@ -72,10 +82,11 @@ class WindowEncoder:
             return []
         with torch.inference_mode():
             embs = [self._embed(w) for w in windows]
-            kvs = prefill_windows(self.backbone, embs, self.cfg.compression)
+            unit_times = [self.backbone.unit_times(w.times) for w in windows]
+            kvs = prefill_windows(self.backbone, embs, self.cfg.compression,
+                                  unit_times if self.backbone.rope_3d else None)
             out = []
-            for w, emb, kv in zip(windows, embs, kvs):
-                times = np.asarray(w.times, dtype=np.float64)
+            for times, w, emb, kv in zip(unit_times, windows, embs, kvs):
                 blob = write_window(kv, emb, times, w.duration, model_fp=self.fingerprint, revision=self.backbone.revision,
                                     fast_layers=self.fast_layers, policy=self.cfg.compression.policy,
                                     quant=self.cfg.quant)

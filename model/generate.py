@@ -11,7 +11,9 @@ Modes:
   into one preallocated cache, the keys rotated at contiguous positions after the prefix
   (P .. P + K*n(l) - 1), as LP-Comp renumbers; the question is prefilled against them,
   then generation continues with every new token at position len(l) of its layer. No
-  frame is re-encoded.
+  frame is re-encoded. An M-RoPE backbone places frames and question by its own rules
+  instead (model/positions.py): each frame token at P + its (t, h, w) id, from the
+  frames' `times`.
 - `reencode` (paper-exact): the LP-Comp forward over the selected frames' cached
   embeddings jointly, question as suffix, then generation.
 - `full` (reference, no cache): the same forward over all frames' embeddings, as XComp
@@ -37,6 +39,7 @@ from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper
 from model.config import CompressionConfig
 from model.decoder import KVCache, LayerKV, extend, rotate
 from model.lpcomp import lp_forward
+from model.positions import frame_token_positions, kept_tokens, question_positions
 from model.qccomp import QuestionContext
 
 
@@ -151,32 +154,48 @@ def _prompt_logits(backbone, hidden: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def answer_cached(backbone, ctx: QuestionContext, keys: list[Tensor], values: list[Tensor],
-                  cfg: GenerateConfig = GenerateConfig()) -> Generated:
+                  cfg: GenerateConfig = GenerateConfig(), *, times: Tensor | np.ndarray | None = None,
+                  policy: str = "suffix") -> Generated:
     """Answer from cached KV: keys/values per layer [K, n(l), kvh, hd] (pre-RoPE keys),
-    the selected frames in time order."""
+    the selected frames in time order. times [K] seconds and the objects' keep policy:
+    where an M-RoPE backbone puts the frames (1-D backbones need neither)."""
     if len(keys) != backbone.num_layers or len(values) != backbone.num_layers:
         raise ValueError(f"need K/V for all {backbone.num_layers} layers, got {len(keys)} and {len(values)}")
     dec, p = backbone.decoder, ctx.prefix_len
+    kept = None
+    if backbone.rope_3d:
+        if times is None or len(times) != len(keys[0]):
+            raise ValueError(f"{backbone.model_id} places frames by time (M-RoPE): need times of the {len(keys[0])} "
+                             f"frames, got {None if times is None else len(times)}")
+        kept = kept_tokens(policy, [k.shape[1] for k in keys])
     extra = len(ctx.question_embs) + cfg.max_new_tokens - 1  # the question, then every token but the last
     caches = []
     for l in range(backbone.num_layers):  # [prefix | frames rotated at P .. P + K*n(l) - 1], as video_past
         k = keys[l].flatten(0, 1)[None].to(backbone.device, backbone.dtype)
         v = values[l].flatten(0, 1)[None].to(backbone.device, backbone.dtype)
         cache = KVCache.of(ctx.prefix_past[l], extra=k.shape[1] + extra)
-        cache.append(rotate(dec, k, torch.arange(p, p + k.shape[1], device=k.device)[None]), v)
+        if kept is None:
+            cache.append(rotate(dec, k, torch.arange(p, p + k.shape[1], device=k.device)[None]), v)
+        else:  # each token at P + its (t, h, w) id
+            pos = frame_token_positions(backbone, times, kept[l], p)[:, None]
+            cache.append(rotate(dec, k, pos), v, positions=pos)
         caches.append(cache)
-    res = extend(dec, ctx.question_embs[None], past=caches)
+    q = ctx.question_embs[None]
+    res = extend(dec, q, past=caches, positions=question_positions(backbone, p, q.shape[1]))
     return generate(backbone, caches, _prompt_logits(backbone, res.hidden), cfg)
 
 
 @torch.inference_mode()
 def answer_embeddings(backbone, ctx: QuestionContext, embs: Tensor, comp: CompressionConfig,
-                      cfg: GenerateConfig = GenerateConfig()) -> Generated:
+                      cfg: GenerateConfig = GenerateConfig(), *, times: Tensor | np.ndarray | None = None
+                      ) -> Generated:
     """`reencode` (selected frames' cached embeddings) and `full` (every frame, no cache):
-    LP-Comp forward over [prefix | frames [F, n0, D] | question], then generation."""
+    LP-Comp forward over [prefix | frames [F, n0, D] | question], then generation.
+    times [F] seconds: needed by an M-RoPE backbone."""
     if embs.dim() != 3 or embs.shape[0] < 1:
         raise ValueError(f"frame embeddings must be [F>=1, n0, D], got {tuple(embs.shape)}")
     embs = embs.to(backbone.device, backbone.dtype)
-    out = lp_forward(backbone, embs[None], comp, suffix=ctx.question_embs[None])
+    frame_times = None if times is None else torch.as_tensor(np.asarray(times, dtype=np.float64))[None]
+    out = lp_forward(backbone, embs[None], comp, suffix=ctx.question_embs[None], frame_times=frame_times)
     return generate(backbone, out.past, out.logits[0, -1], cfg)
 

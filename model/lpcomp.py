@@ -3,7 +3,10 @@
 The sequence is [prefix text | F frames x n(l) tokens | suffix text]. Layer l sees
 n(l) tokens of every frame (`CompressionConfig.tokens_per_layer`); after layer l the
 keep policy picks n(l+1) of them (the kept sets nest) and the sequence is renumbered
-0..len-1. Text tokens are never dropped.
+0..len-1. Text tokens are never dropped. An M-RoPE backbone (`rope_3d`) is not
+renumbered: its ids are coordinates, so a kept token keeps its (t, h, w) id (prefix
+at 0..P-1, frame tokens at P + `frame_positions(times)`, the suffix from P +
+`text_offset()`), at every layer, as the model's get_rope_index places the full video.
 
 Two entry points:
 
@@ -32,7 +35,7 @@ import torch
 from torch import Tensor
 
 from model.config import CompressionConfig
-from model.decoder import LayerKV, layer_step, positions_for
+from model.decoder import LayerKV, layer_step, positions_end, positions_for
 
 
 @dataclass
@@ -93,6 +96,7 @@ def lp_forward(
     record_frames: bool = False,
     logits: bool = True,
     keep_past: bool = True,
+    frame_times: Tensor | None = None,
 ) -> LPOutput:
     """Decoder forward over [prefix | frames | suffix] with the LP-Comp schedule active.
 
@@ -104,6 +108,7 @@ def lp_forward(
     and the suffix's hidden state entering each layer (what training probes read).
     keep_past: return every layer's rotated K/V in `past` (to continue decoding); the
     ingest prefill turns it off so it does not hold a second copy of the window's KV.
+    frame_times [B, F] seconds: the frames' times, which a `rope_3d` backbone's positions need.
     """
     dec = backbone.decoder
     num_layers = len(dec.layers)
@@ -129,6 +134,12 @@ def lp_forward(
     bad = [l for l in prob_layers if not 0 <= l < num_layers]
     if bad:
         raise ValueError(f"prob_layers {bad} outside 0..{num_layers - 1}")
+    ids = None  # rope_3d: (t, h, w) ids of every frame token [B, F, n0, 3], gathered as tokens are dropped
+    if backbone.rope_3d:
+        if frame_times is None or tuple(frame_times.shape) != (b, f):
+            raise ValueError(f"{backbone.model_id} places frames by time (M-RoPE): frame_times must be [{b}, {f}], "
+                             f"got {None if frame_times is None else tuple(frame_times.shape)}")
+        ids = torch.stack([backbone.frame_positions(t) for t in frame_times]).to(dev)
 
     sched = comp.tokens_per_layer(num_layers, n0)
     kept = torch.arange(n0, device=dev).expand(b, f, n0)
@@ -141,7 +152,9 @@ def lp_forward(
         rows = None
         if l in prob_layers and prob_rows is not None:
             rows = prob_rows + p + f * n
-        res = layer_step(dec, l, hidden, positions_for(valid), valid, prob_rows=rows)
+        pos = positions_for(valid) if ids is None else _rope_3d_positions(_gather_frames(ids, kept), p,
+                                                                         backbone.text_offset(), suffix_valid)
+        res = layer_step(dec, l, hidden, pos, valid, prob_rows=rows)
 
         fk = res.keys[:, p : p + f * n].reshape(b, f, n, *res.keys.shape[2:])
         if record_frames:
@@ -150,7 +163,7 @@ def lp_forward(
             out.frame_values.append(res.values[:, p : p + f * n].reshape(b, f, n, *res.values.shape[2:]))
             out.kept.append(kept)
         if keep_past:  # only callers that keep decoding need every layer's rotated KV
-            out.past.append(LayerKV(res.keys_rot, res.values, valid))
+            out.past.append(LayerKV(res.keys_rot, res.values, valid, positions_end(pos, valid)))
         if res.probs is not None:
             out.probs[l] = res.probs[..., p : p + f * n].reshape(*res.probs.shape[:3], f, n)
         prefix_h, frame_h, suffix_h = res.hidden.split([p, f * n, s], 1)
@@ -164,11 +177,24 @@ def lp_forward(
     return out
 
 
-def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig) -> list[WindowKV]:
+def _rope_3d_positions(ids: Tensor, p: int, text: int, suffix_valid: Tensor) -> Tensor:
+    """M-RoPE ids [3, B, P + F*n + S] of [prefix | frame tokens | suffix]: the prefix at
+    0..P-1, frame tokens at P + ids [B, F, n, 3], the suffix's valid tokens from P + text on
+    (text on all three axes)."""
+    b = ids.shape[0]
+    prefix = torch.arange(p, device=ids.device).expand(3, b, p)
+    frames = (p + ids.flatten(1, 2)).permute(2, 0, 1)
+    suffix = (p + text + positions_for(suffix_valid)).expand(3, -1, -1)
+    return torch.cat([prefix, frames, suffix], 2)
+
+
+def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig,
+                    times: list[Tensor] | None = None) -> list[WindowKV]:
     """LP-Comp prefill of a batch of windows, each [prefix | its frames], segment-local.
 
-    frame_embs[i]: [F_i, n0, D]. Windows of different lengths are padded and masked.
-    The prefix's own KV is not returned (it is recomputed at question time).
+    frame_embs[i]: [F_i, n0, D]; times[i]: [F_i] seconds (needed by `rope_3d` backbones).
+    Windows of different lengths are padded and masked. The prefix's own KV is not
+    returned (it is recomputed at question time).
     """
     if not frame_embs:
         raise ValueError("prefill_windows needs at least one window")
@@ -178,8 +204,12 @@ def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig)
     counts = [e.shape[0] for e in frame_embs]
     frames = torch.nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
     frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(counts, device=frames.device)[:, None]
+    frame_times = None
+    if times is not None:
+        frame_times = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(t, dtype=torch.float64) for t in times],
+                                                      batch_first=True)
     out = lp_forward(backbone, frames, comp, frame_valid=frame_valid, record_frames=True, logits=False,
-                     keep_past=False)
+                     keep_past=False, frame_times=frame_times)
     return [
         WindowKV(
             keys=[k[i, :c] for k in out.frame_keys],

@@ -8,7 +8,8 @@
 
 Each window is scored segment-locally, as it was encoded: at layer l the sequence is
 [prefix | the window's frames, n(l) cached tokens each | question], positions
-0..len-1. A frame's score is the attention probability from the question's own words
+0..len-1 (an M-RoPE backbone: each frame token at P + its (t, h, w) id, the question
+from P + text_offset(), model/positions.py). A frame's score is the attention probability from the question's own words
 (not the template) to the frame's tokens, averaged over heads, question words and the
 frame's tokens, summed over the scoring layers.
 
@@ -53,8 +54,9 @@ import torch
 from torch import Tensor
 
 from model.config import default_score_layers
-from model.decoder import LayerKV, extend, layer_step, positions_for, rotate
+from model.decoder import LayerKV, extend, layer_step, positions_end, positions_for, rotate
 from model.kvcache import CacheError, WindowReader
+from model.positions import frame_token_positions, kept_tokens, question_positions
 
 SCORE_MODES = ("exact", "fast")
 # How per-window reads are run: builtin `map` (in turn) or e.g. ThreadPoolExecutor.map
@@ -192,12 +194,15 @@ def check_readers(backbone, readers: Sequence[WindowReader]) -> None:
                                      "objects of different indexes mixed in one video")
 
 
-def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tensor] | None = None) -> LayerKV:
+def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tensor] | None = None, *,
+               times: Sequence[np.ndarray] | None = None, kept: Tensor | None = None) -> LayerKV:
     """One layer's past for a batch of windows: [prefix | the windows' frame tokens, padded].
 
     keys[i]: window i's pre-RoPE keys [F_i, n, kvh, hd], rotated here at P + their index
     within the window, where LP-Comp placed them; values likewise, or None when only
     attention probabilities are wanted (zeros stand in). prefix: batch-1 LayerKV.
+    An M-RoPE backbone places them at P + their (t, h, w) ids instead: times[i] [F_i]
+    seconds, kept [n] the layer's kept token indices (model.positions.kept_tokens).
     """
     b, n = len(keys), keys[0].shape[1]
     p = prefix.keys.shape[1]
@@ -210,9 +215,27 @@ def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tenso
     v = torch.nn.utils.rnn.pad_sequence([v.flatten(0, 1) for v in values], batch_first=True).to(dev, dtype)
     slots = torch.arange(f_max * n, device=dev)
     valid = slots[None] < (counts * n)[:, None]
-    k = rotate(backbone.decoder, k, (p + slots).expand(b, -1))
     prefix = LayerKV(*(x.expand(b, *x.shape[1:]) for x in (prefix.keys, prefix.values, prefix.valid)))
-    return prefix.cat(LayerKV(k, v, valid))
+    if not backbone.rope_3d:
+        return prefix.cat(LayerKV(rotate(backbone.decoder, k, (p + slots).expand(b, -1)), v, valid))
+    if times is None or kept is None or [len(t) for t in times] != counts.tolist():
+        raise ValueError(f"{backbone.model_id} places frames by time (M-RoPE): need each window's frame times and "
+                         f"the kept token indices")
+    pos = torch.zeros(3, b, f_max * n, dtype=torch.long, device=dev)
+    for i, t in enumerate(times):
+        pos[:, i, : len(t) * n] = frame_token_positions(backbone, t, kept, p)
+    return prefix.cat(LayerKV(rotate(backbone.decoder, k, pos), v, valid, positions_end(pos, valid)))
+
+
+def placement_kept(backbone, reader: WindowReader) -> list[Tensor] | None:
+    """An M-RoPE backbone's kept token indices per layer for the objects (their schedule and
+    keep policy, model.positions.kept_tokens); None for 1-D backbones."""
+    if not backbone.rope_3d:
+        return None
+    try:
+        return kept_tokens(reader.meta.policy, reader.meta.schedule)
+    except ValueError as e:
+        raise CacheError(reader.name, str(e)) from None
 
 
 def _frame_means(probs: Tensor, p: int, f_max: int, n: int, per_word: bool = False) -> Tensor:
@@ -224,16 +247,18 @@ def _frame_means(probs: Tensor, p: int, f_max: int, n: int, per_word: bool = Fal
 
 
 def exact_batch_scores(backbone, ctx: QuestionContext, kvs: list, frames: list[int],
-                 score_layers: tuple[int, ...], per_word: bool = False) -> Tensor:
+                 score_layers: tuple[int, ...], per_word: bool = False, *,
+                 times: Sequence[np.ndarray] | None = None, kept: list[Tensor] | None = None) -> Tensor:
     """[B, F_max] scores of a batch of windows (question prefilled against their K/V),
     [B, F_max, R] per_word. kvs[i]: window i's (keys, values) per layer [F_i, n(l), kvh,
-    hd]; frames[i] = F_i."""
+    hd]; frames[i] = F_i. times/kept: an M-RoPE backbone's (`placement`)."""
     last = max(score_layers)
-    past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs])
+    past = [video_past(backbone, ctx.prefix_past[l], [k[l] for k, _ in kvs], [v[l] for _, v in kvs],
+                       times=times, kept=None if kept is None else kept[l])
             for l in range(last + 1)]
     q = ctx.question_embs[None].expand(len(kvs), -1, -1)
-    res = extend(backbone.decoder, q, past=past, layers=range(last + 1),
-                 prob_rows=ctx.user_rows, prob_layers=score_layers)
+    res = extend(backbone.decoder, q, past=past, layers=range(last + 1), prob_rows=ctx.user_rows,
+                 prob_layers=score_layers, positions=question_positions(backbone, ctx.prefix_len, q.shape[1], len(kvs)))
     f_max = max(frames)
     return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1], per_word)
                for l in score_layers)
@@ -288,13 +313,15 @@ class _BestKV:
 
 def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> dict[int, Tensor]:
     """The question's hidden states entering each of `layers` [1, Q, D], from
-    [prefix | question] with no video: what `fast` scoring queries with."""
+    [prefix | question] with no video (the question where it sits after a video for an
+    M-RoPE backbone): what `fast` scoring queries with."""
     out, h = {}, ctx.question_embs[None]
+    pos = question_positions(backbone, ctx.prefix_len, h.shape[1])
     for l in range(max(layers) + 1):
         if l in layers:
             out[l] = h
         if l < max(layers):
-            h = extend(backbone.decoder, h, past=ctx.prefix_past, layers=range(l, l + 1)).hidden
+            h = extend(backbone.decoder, h, past=ctx.prefix_past, layers=range(l, l + 1), positions=pos).hidden
     return out
 
 
@@ -311,19 +338,21 @@ def question_queries(backbone, question: str | QuestionContext, layer: int) -> T
 
 
 def fast_batch_scores(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]], frames: list[int],
-                hidden: dict[int, Tensor], per_word: bool = False) -> Tensor:
+                hidden: dict[int, Tensor], per_word: bool = False, *,
+                times: Sequence[np.ndarray] | None = None, kept: list[Tensor] | None = None) -> Tensor:
     """[B, F_max] scores of a batch of windows from their cached keys of the fast layers,
     [B, F_max, R] per_word. stored[i]: window i's keys per fast layer [F_i, n(l), kvh,
-    hd]; frames[i] = F_i."""
+    hd]; frames[i] = F_i. times/kept: an M-RoPE backbone's (`placement`)."""
     total = 0
     f_max = max(frames)
     for l, h in hidden.items():
         keys = [s[l] for s in stored]
-        past = video_past(backbone, ctx.prefix_past[l], keys)
+        past = video_past(backbone, ctx.prefix_past[l], keys, times=times, kept=None if kept is None else kept[l])
         h = h.expand(len(stored), -1, -1)
         valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length), valid, past,
-                         prob_rows=ctx.user_rows)
+        pos = question_positions(backbone, ctx.prefix_len, h.shape[1], len(stored))
+        out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length) if pos is None else pos, valid,
+                         past, prob_rows=ctx.user_rows)
         total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1], per_word)
     return total
 
@@ -368,12 +397,14 @@ def score_frames(
     scores: list[np.ndarray] = []
     best = _BestKV(keep) if keep and mode == "exact" else None
     rows = 0  # frames scored so far: the next frame's row in FrameScores
+    kept = placement_kept(backbone, readers[0])
     for b, (batch, got) in enumerate(zip(batches, read_batches(batches, read, map or builtins.map))):
         frames = [r.frames for r in batch]
+        times = [r.times for r in batch]
         if mode == "exact":
-            s = exact_batch_scores(backbone, ctx, got, frames, score_layers)
+            s = exact_batch_scores(backbone, ctx, got, frames, score_layers, times=times, kept=kept)
         else:
-            s = fast_batch_scores(backbone, ctx, got, frames, hidden)
+            s = fast_batch_scores(backbone, ctx, got, frames, hidden, times=times, kept=kept)
         new = [s[i, :f].double().cpu().numpy() for i, f in enumerate(frames)]
         if best is not None:
             best.offer(rows, b * batch_windows, new, got)
