@@ -121,7 +121,7 @@ def ingest(cfg: IngestConfig, lease: Lease | None = None) -> RunReport:
     try:
         if ray.is_initialized():  # joined here or by the caller: local paths must be shared by its nodes
             check_shared_paths(cfg.source, cfg.index, videos=sources)
-        model_fp, revision, image_size = _model_identity(cfg)
+        model_fp, revision, image_size, frame_unit = _model_identity(cfg)
         store = open_store(cfg.index, endpoint_url=cfg.endpoint_url)
         if not cfg.dry_run and lease is None:  # one run per index: before the catalog is opened (it may migrate)
             lease = own_lease = Lease(store, default_owner(), uuid.uuid4().hex, ttl=cfg.lease_ttl)
@@ -141,7 +141,7 @@ def ingest(cfg: IngestConfig, lease: Lease | None = None) -> RunReport:
             if selection.todo:
                 report.stale_uploads = store.remove_stale_uploads(STALE_UPLOAD_SECONDS)
                 own_ray = connect_ray(cfg.address, cfg.num_cpus) or own_ray
-                _run_pipeline(cfg, selection, catalog, model_fp, image_size, report, {s.uri for s in sources},
+                _run_pipeline(cfg, selection, catalog, model_fp, image_size, frame_unit, report, {s.uri for s in sources},
                               lease.ensure_held)
             if prune_prefix is not None:
                 lease.ensure_held()
@@ -265,12 +265,12 @@ def _prune(cfg: IngestConfig, catalog: Catalog, store, sources: list[SourceVideo
 
 
 def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, model_fp: str,
-                  image_size: tuple[int, int], report: RunReport, listed: set[str], check) -> None:
+                  image_size: tuple[int, int], frame_unit: int, report: RunReport, listed: set[str], check) -> None:
     registry = Registry.remote({t.video_id: t.src.uri for t in selection.todo if t.video_id},
                                selection.indexed, selection.skip)
     writer = CatalogWriter(catalog, model_fp, report, selection.todo, listed, check=check)
     pipeline_start = time.time()
-    for row in _dataset(cfg, selection.todo, model_fp, image_size, registry, report.run_id).iter_rows():
+    for row in _dataset(cfg, selection.todo, model_fp, image_size, frame_unit, registry, report.run_id).iter_rows():
         if not report.startup_seconds and row["kind"] == "window":
             report.startup_seconds = time.time() - pipeline_start
         writer.take(row)
@@ -282,15 +282,15 @@ def _run_pipeline(cfg: IngestConfig, selection: _Selection, catalog: Catalog, mo
     report.pipeline_seconds = time.time() - pipeline_start
 
 
-def _identity(model: str, index_cfg: IndexConfig, trust_remote_code: bool) -> tuple[str, str, tuple[int, int]]:
+def _identity(model: str, index_cfg: IndexConfig, trust_remote_code: bool) -> tuple[str, str, tuple[int, int], int]:
     from model.encoder import WindowEncoder
 
     encoder = WindowEncoder(model, index_cfg, trust_remote_code=trust_remote_code)
-    return encoder.fingerprint, encoder.backbone.revision, tuple(encoder.image_size)
+    return encoder.fingerprint, encoder.backbone.revision, tuple(encoder.image_size), encoder.backbone.frame_unit
 
 
-def _model_identity(cfg: IngestConfig) -> tuple[str, str, tuple[int, int]]:
-    """(model_fp, weights revision, frame size) as the encode actors will compute them. The dtype, hence the
+def _model_identity(cfg: IngestConfig) -> tuple[str, str, tuple[int, int], int]:
+    """(model_fp, weights revision, frame size, frames per cached unit) as the encode actors will compute them. The dtype, hence the
     fingerprint, follows the device an actor gets: on a cluster with GPUs a task on a GPU
     answers; otherwise the driver does (a local Ray has this machine's devices)."""
     if ray.is_initialized() and ray.cluster_resources().get("GPU", 0):
@@ -318,7 +318,7 @@ def _check_cpus(cfg: IngestConfig, actors: int, resources: dict) -> None:
                          "give a local Ray more with --num-cpus, or lower --encode-cpus / --encode-actors")
 
 
-def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tuple[int, int], registry,
+def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tuple[int, int], frame_unit: int, registry,
              run_id: str):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
@@ -330,7 +330,8 @@ def _dataset(cfg: IngestConfig, todo: list[Todo], model_fp: str, image_size: tup
     common = {"endpoint_url": cfg.endpoint_url, "retry": cfg.retry, "run_id": run_id}
     return (
         ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        .flat_map(plan_video, fn_kwargs={"cfg": cfg.index_cfg, "registry": registry, **common}, num_cpus=0.25)
+        .flat_map(plan_video, fn_kwargs={"cfg": cfg.index_cfg, "registry": registry, "frame_unit": frame_unit, **common},
+                  num_cpus=0.25)
         .repartition(target_num_rows_per_block=1)  # one window per block: parallel decode
         .map(decode_window, fn_kwargs={"size": image_size, "seek_mode": cfg.index_cfg.sampling.seek_mode,
                                        "threads": max(1, round(cfg.decode_cpus)), **common},

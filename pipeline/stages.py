@@ -125,7 +125,7 @@ def _cache(run_id: str) -> SourceCache:
 
 
 def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None, retry: RetryPolicy,
-               registry, run_id: str) -> list[dict]:
+               registry, run_id: str, frame_unit: int = 1) -> list[dict]:
     """Identify (if needed), probe and plan one video: a `video` row, then a row per window
     not in `item["done"]` (written by a killed run)."""
     row = StageRow.of(item)
@@ -151,7 +151,7 @@ def plan_video(item: dict, cfg: IndexConfig, endpoint_url: str | None, retry: Re
     except (VideoError, OSError, ValueError) as e:  # ValueError: sample_times found no usable duration
         return [failure(row.as_row(), e)]
     row.info = json.dumps({k: v for k, v in asdict(info).items() if k != "frame_times"})
-    row.n_windows, row.n_frames = len(plans), sum(len(p.times) for p in plans)
+    row.n_windows, row.n_frames = len(plans), sum(-(-len(p.times) // frame_unit) for p in plans)
     rows = [row.as_row()]
     rows += [_window_row(row, p, cfg.window, info) for p in plans if p.index not in done]
     return rows
@@ -233,6 +233,11 @@ class EncodeActor:
         out["header_sha256"] = _column([encoded[i].header_sha256 if i in encoded else "" for i in range(n)])
         out["frame_vectors"] = _column([encoded[i].frame_vectors if i in encoded else none for i in range(n)])
         out["node"] = _column([self.node] * n)
+        unit = self.encoder.backbone.frame_unit  # the object holds one frame a unit (Qwen2.5-VL: a tubelet)
+        if unit > 1:
+            out["times"] = _column([encoded[i].times if i in encoded else batch["times"][i] for i in range(n)])
+            out["thumbnails"] = _column([list(batch["thumbnails"][i])[::unit] for i in range(n)])
+            out["first_frame"] = np.asarray(batch["first_frame"]) // unit
         return out
 
 
