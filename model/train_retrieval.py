@@ -47,8 +47,9 @@ TRAIN_SEED_BASE = 2_000_000_000  # training seeds (< EVAL_SEED_BASE), apart from
 class Library:
     """Embedded synthetic videos: what a batch is drawn from."""
 
-    features: Tensor  # [V, F, 2D] pooled frame embeddings (model.retrieval.pool_frames)
-    events: list[list[list[Event]]]  # [V][F]: the events on screen in each frame
+    features: Tensor  # [V, U, 2D] pooled embeddings of each frame unit (model.retrieval.pool_frames)
+    events: list[list[list[Event]]]  # [V][U]: the events on screen in each unit's frames
+    unit: int  # frames a unit (Backbone.frame_unit: 2 for a model that encodes frame pairs)
     words: Tensor  # [V, K, R_max, D] word embeddings of each video's K questions
     valid: Tensor  # [V, K, R_max] bool: real words
     subjects: list[list[tuple[str, Event]]]  # [V][K] (kind, needle) of each question
@@ -57,13 +58,17 @@ class Library:
 @torch.inference_mode()
 def embed_library(backbone, seeds: list[int], frames: int) -> Library:
     """Every frame of each video through the frozen backbone, and its questions' words."""
+    unit = getattr(backbone, "frame_unit", 1)
+    if frames % unit:
+        raise ValueError(f"{frames} frames a video: not whole units of {unit} frames for {backbone.model_id}")
     feats, events, words, subjects = [], [], [], []
     rng = np.random.default_rng(seeds[0])
     times = np.arange(frames) + 0.5
     for i, seed in enumerate(seeds):
         video = make_video(seed, frames)
         feats.append(pool_frames(backbone.embed_frames(video.frames(backbone.image_size), times, float(frames))))
-        events.append([[e for e in video.events if e.start <= f < e.start + e.length] for f in range(frames)])
+        events.append([[e for e in video.events if e.start < (u + 1) * unit and u * unit < e.start + e.length]
+                       for u in range(frames // unit)])
         per_video = []
         for kind in KINDS:
             ids, mask = backbone.question_ids(make_question(video, rng, kind).text)
@@ -79,7 +84,7 @@ def embed_library(backbone, seeds: list[int], frames: int) -> Library:
     for v, per_video in enumerate(words):
         for k, w in enumerate(per_video):
             pad[v, k, : len(w)], valid[v, k, : len(w)] = w.float().cpu(), True
-    return Library(torch.stack(feats).float().cpu(), events, pad, valid, subjects)
+    return Library(torch.stack(feats).float().cpu(), events, unit, pad, valid, subjects)
 
 
 def positives(lib: Library, videos: np.ndarray, frames: np.ndarray, kinds: np.ndarray) -> Tensor:
@@ -93,13 +98,13 @@ def positives(lib: Library, videos: np.ndarray, frames: np.ndarray, kinds: np.nd
 
 
 def sample_batch(lib: Library, rng: np.random.Generator, batch: int, per_video: int):
-    """B videos, S frames each (the needle's first), one question each."""
+    """B videos, S frame units each (the needle's first), one question each."""
     n_videos, n_frames = lib.features.shape[:2]
     videos = rng.choice(n_videos, batch, replace=False)
     kinds = rng.integers(len(KINDS), size=batch)
     frames = np.empty((batch, per_video), dtype=np.int64)
     for b, v in enumerate(videos):
-        needle = list(lib.subjects[v][0][1].frames)[:per_video]
+        needle = sorted({f // lib.unit for f in lib.subjects[v][0][1].frames})[:per_video]
         rest = rng.choice(np.setdiff1d(np.arange(n_frames), needle), per_video - len(needle), replace=False)
         frames[b] = np.concatenate([needle, rest])
     return videos, frames, kinds
@@ -145,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    if args.batch > args.videos or args.per_video < 4 or args.per_video > args.frames:
-        ap.error("need --batch <= --videos and 4 <= --per-video <= --frames")
+    if args.batch > args.videos or args.per_video < 4 or args.per_video > args.frames or args.steps < 4:
+        ap.error("need --batch <= --videos, 4 <= --per-video <= --frames and --steps >= 4")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     path = Path(args.model)
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     head = RetrievalHead(HeadConfig(hidden=backbone.decoder.config.hidden_size, dim=args.dim))
     scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     opt = torch.optim.AdamW([*head.parameters(), scale], lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))  # >= 2 warm-up steps
     rng = np.random.default_rng(args.seed)
     print(f"held-out frame recall@10 before training: {frame_recall(head, held):.3f}")
     t0, running, first = time.perf_counter(), None, None

@@ -96,3 +96,20 @@ def test_training_writes_a_head_that_loads_and_lowers_the_loss(tmp_path, capsys)
     assert out["recall@10"] > before and out["loss"] < out["first_loss"]
     bb = load_backbone(str(ckpt))
     assert bb.retrieval is not None and bb.revision != load_backbone("tiny").revision
+
+
+def test_a_head_trains_on_a_family_that_encodes_frame_pairs(tmp_path):
+    """Qwen2.5-VL (reduced random config): frame units are two-frame tubelets, so the
+    library's units, their events and the needle's units are counted in tubelets."""
+    from tests.qwen2_5_vl_tiny import save_tiny_qwen2_5_vl
+
+    ckpt = save_tiny_qwen2_5_vl(tmp_path / "qwen")
+    out = train_main(["--model", str(ckpt), "--videos", "24", "--frames", "16", "--steps", "8", "--batch", "8",
+                      "--per-video", "4", "--eval-videos", "4"])
+    assert np.isfinite(out["loss"])
+    bb = load_backbone(str(ckpt))
+    lib = embed_library(bb, [EVAL_SEED_BASE + 7], 16)
+    assert lib.unit == 2 and lib.features.shape[:2] == (1, 8) and len(lib.events[0]) == 8
+    assert bb.retrieval is not None
+    with pytest.raises(ValueError, match="not whole units of 2 frames"):
+        embed_library(bb, [EVAL_SEED_BASE + 7], 15)
