@@ -132,6 +132,33 @@ class Backbone(nn.Module):
         return frames.to(self.device), times.to(self.device)
 
 
+class TemplatedBackbone(Backbone):
+    """A backbone whose prompt is its chat template's text: `_prefix` before the video,
+    `_before` and `_after` around the question (set by the family), tokenised without
+    special tokens; `_lead_ids` are ids a family places first in the question part."""
+
+    _prefix: str
+    _before: str
+    _after: str
+
+    def _ids(self, text: str) -> Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def _lead_ids(self) -> Tensor:
+        return torch.zeros(0, dtype=torch.long)
+
+    def prefix_ids(self) -> Tensor:
+        return self._ids(self._prefix)
+
+    def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
+        """[lead | template | words | template]; the mask marks the words."""
+        if not question.strip():
+            raise ValueError("question is empty")
+        parts = [self._lead_ids(), self._ids(self._before), self._ids(question.strip()), self._ids(self._after)]
+        mask = torch.cat([torch.full((len(p),), i == 2, dtype=torch.bool) for i, p in enumerate(parts)])
+        return torch.cat(parts), mask
+
+
 def question_template(tokenizer) -> tuple[str, str, str]:
     """(prefix, before-question, after-question) text of the checkpoint's chat template.
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.backbone import Backbone, question_template, remote_code_refused, use_processor_template
+from model.backbone import TemplatedBackbone, question_template, remote_code_refused, use_processor_template
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class VideoPreprocess:
         return x * self.rescale_factor if self.do_rescale else x
 
 
-class LlavaOnevisionBackbone(Backbone):
+class LlavaOnevisionBackbone(TemplatedBackbone):
     """LLaVA-OneVision / LLaVA-Video: SigLIP tower + projector + Qwen2 decoder, video path.
 
     Token layout, as transformers' processor and forward build it for one video of F frames:
@@ -121,20 +121,9 @@ class LlavaOnevisionBackbone(Backbone):
         slot = (ids == self.video_token_id)[..., None]
         return torch.where(slot, self.vlm.model.image_newline.to(emb.dtype), emb)
 
-    def _ids(self, text: str) -> Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    def prefix_ids(self) -> Tensor:
-        return self._ids(self._prefix)
-
-    def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
-        """[newline slot | template | words | template]; the mask marks the words."""
-        if not question.strip():
-            raise ValueError("question is empty")
-        parts = [torch.tensor([self.video_token_id]), self._ids(self._before), self._ids(question.strip()),
-                 self._ids(self._after)]
-        mask = torch.cat([torch.full((len(p),), i == 2, dtype=torch.bool) for i, p in enumerate(parts)])
-        return torch.cat(parts), mask
+    def _lead_ids(self) -> Tensor:
+        """The `<video>` slot that carries image_newline (`embed_ids`)."""
+        return torch.tensor([self.video_token_id])
 
 
 def load(path: str, model_id: str, revision: str, device, dtype, trust_remote_code: bool) -> LlavaOnevisionBackbone:

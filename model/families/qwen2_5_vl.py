@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.backbone import Backbone, QUESTION_MARK, remote_code_refused, use_processor_template
+from model.backbone import QUESTION_MARK, TemplatedBackbone, remote_code_refused, use_processor_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) under the processor's pixel limits
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -117,7 +117,7 @@ def video_template(tokenizer, model_id: str) -> tuple[str, str, str]:
     return prefix + "<|vision_start|>", "<|vision_end|>" + before, after
 
 
-class Qwen2_5_VLBackbone(Backbone):
+class Qwen2_5_VLBackbone(TemplatedBackbone):
     """Qwen2.5-VL's vision tower + merger, and its Qwen2-style decoder with M-RoPE."""
 
     rope_3d = True
@@ -172,20 +172,6 @@ class Qwen2_5_VLBackbone(Backbone):
 
     def text_offset(self) -> int:
         return max(self.merged_grid)
-
-    def _ids(self, text: str) -> Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    def prefix_ids(self) -> Tensor:
-        return self._ids(self._prefix)
-
-    def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
-        """[vision_end + template | words | template]; the mask marks the words."""
-        if not question.strip():
-            raise ValueError("question is empty")
-        parts = [self._ids(self._before), self._ids(question.strip()), self._ids(self._after)]
-        mask = torch.cat([torch.full((len(p),), i == 1, dtype=torch.bool) for i, p in enumerate(parts)])
-        return torch.cat(parts), mask
 
 
 def load(path: str, model_id: str, revision: str, device, dtype, trust_remote_code: bool) -> Qwen2_5_VLBackbone:
