@@ -2,7 +2,7 @@
 
     bb = load_backbone("tiny")                      # shipped checkpoint (model/checkpoints/tiny)
     bb = load_backbone("/models/llava-ov-0.5b")     # a local dir: family from its config.json
-    bb = load_backbone("org/name")                  # hub id: only where a hub is reachable
+    bb = load_backbone("org/name")                  # hub id: the hub, or its cache under HF_HUB_OFFLINE=1
     embs = bb.embed_frames(frames_uint8, times, duration)   # [F, n0, D]
     ids = bb.prefix_ids(); q_ids, q_mask = bb.question_ids("what colour is the star?")
 
@@ -198,11 +198,59 @@ def remote_code_refused(spec: str, trust_remote_code: bool):
                          "(load_backbone(..., trust_remote_code=True)) to run it") from None
 
 
+# Files transformers' processors read and `save_pretrained` of a model or tokenizer does
+# not write: a checkpoint copied or retrained (model/train.py) takes them along.
+PROCESSOR_FILES = ("chat_template.json", "chat_template.jinja", "processor_config.json",
+                   "video_preprocessor_config.json", "preprocessor_config.json")
+VIDEO_PROCESSOR_FILES = ("video_preprocessor_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def checkpoint_file(spec: str, name: str, required: bool = True) -> Path | None:
+    """The file `name` of a checkpoint: in its directory, or for a hub id through
+    huggingface_hub's cache (transformers' cached_file: downloads where a hub is
+    reachable, only the cache under HF_HUB_OFFLINE=1). None (or, if required, an error
+    naming the checkpoint and the file) when it has none."""
+    path = Path(spec)
+    if path.is_dir():
+        found = path / name if (path / name).is_file() else None
+    else:
+        from transformers.utils import cached_file
+
+        found = cached_file(spec, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+        found = Path(found) if found is not None else None
+    if found is None and required:
+        where = "in its directory" if path.is_dir() else "on the hub or in the hub cache"
+        raise ValueError(f"model {spec!r} has no {name} ({where})")
+    return found
+
+
+def require_hub_files(spec: str) -> None:
+    """A hub checkpoint must bring what a family reads beside its weights, found through the
+    hub cache: a chat template (the tokenizer's, or the processor's chat_template.json), a
+    video processor config and generation_config.json (its end tokens). transformers would
+    otherwise fall back to defaults without a word."""
+    def first(names: tuple[str, ...]) -> Path | None:
+        return next((f for f in (checkpoint_file(spec, n, required=False) for n in names) if f is not None), None)
+
+    tok_cfg = checkpoint_file(spec, "tokenizer_config.json", required=False)
+    in_tokenizer = tok_cfg is not None and bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+    if not in_tokenizer and first(("chat_template.jinja", "chat_template.json")) is None:
+        raise ValueError(f"model {spec!r} has no chat template: neither tokenizer_config.json's chat_template "
+                         "nor chat_template.jinja nor chat_template.json on the hub or in the hub cache")
+    if first(VIDEO_PROCESSOR_FILES) is None:
+        raise ValueError(f"model {spec!r} has no video processor config: none of {', '.join(VIDEO_PROCESSOR_FILES)} "
+                         "on the hub or in the hub cache")
+    checkpoint_file(spec, "generation_config.json")
+
+
 def use_processor_template(tokenizer, path: str) -> None:
     """A processor-level chat template (chat_template.json, as LLaVA and Qwen-VL ship it)
-    for a tokenizer that has none of its own."""
-    processor_template = Path(path) / "chat_template.json"
-    if not getattr(tokenizer, "chat_template", None) and processor_template.is_file():
+    for a tokenizer that has none of its own; `path` is a directory or a hub id."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    processor_template = checkpoint_file(path, "chat_template.json", required=False)
+    if processor_template is not None:
         tokenizer.chat_template = json.loads(processor_template.read_text()).get("chat_template")
 
 
@@ -264,5 +312,9 @@ def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = 
     if config.model_type == "tiny":
         raise ValueError(f"model {spec!r}: the tiny family loads only from a local directory")
     load = _family(config.model_type, spec)
-    revision = getattr(config, "_commit_hash", None) or "main"
+    require_hub_files(spec)
+    from transformers.utils.hub import extract_commit_hash
+
+    # the snapshot's commit, from where the hub cache resolved config.json (.../snapshots/<commit>/)
+    revision = extract_commit_hash(str(checkpoint_file(spec, "config.json")), None) or "main"
     return load(spec, spec, revision, device, dtype, trust_remote_code)

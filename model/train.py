@@ -25,18 +25,35 @@ needed), then longer clips with more distractors. Clips are views of synthetic v
 up to 4096 s long: a whole short video, a window of a long one (which may miss the
 needle), or a sparse time-ordered selection that includes the needle (what a top-K
 answer sees). The auxiliary heads are not saved; the checkpoint is the backbone's own
-format plus a "trained" record in config.json. `--freeze-vision` (real checkpoints,
-GPU) freezes the vision tower and tunes projector + LLM.
+format plus a "trained" record in config.json.
+
+Any family's checkpoint (model/backbone.py FAMILIES: a directory or a hub id) trains the same way:
+
+    python -m model.train --model /models/llava-ov-0.5b --freeze-vision --out ckpt/ \
+        --max-frames 16 --batch 4 --lr 1e-5 --warmup 20
+
+The clips go through the family's own frame path (`embed_frames`: LLaVA-OneVision's pooled
+SigLIP tokens, Qwen2.5-VL's two-frame tubelets, whose labels are their frames' union),
+its chat template (`question_ids`; the focus words located by the tokenizer's character
+offsets) and its positions (`lp_forward` with each unit's time: Qwen2.5-VL's M-RoPE time
+ids). For these families the loss is the answer cross-entropy plus the relevance loss;
+the three probe heads default to weight 0 (`head_weights` says why). `--freeze-vision`
+freezes the vision encoder (`frozen_vision`) and tunes projector + LLM. The result is
+written by transformers' save_pretrained, with the processor files (chat template,
+video processor config) copied from the source, so `load_backbone(out)` runs it as it
+ran the source. Weights train in fp32 (a 7B model needs a large GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
 import os
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -220,7 +237,10 @@ class AttributeHeads(nn.Module):
 
 @dataclass
 class Batch:
+    """F counts frame units (backbone.frame_unit decoded frames each: a Qwen2.5-VL tubelet is 2)."""
+
     frames: Tensor  # [B, F, n0, D] embeddings
+    frame_times: Tensor  # [B, F] seconds, each unit's first frame (M-RoPE time ids come from them)
     suffix_ids: Tensor  # [B, S]: <user> question <assistant> answer <eos>
     suffix_valid: Tensor  # [B, S]
     targets: Tensor  # [B, S] next-token targets, -100 where no loss
@@ -238,13 +258,50 @@ def answer_ids(backbone, answer: str) -> list[int]:
     return backbone.tokenizer(answer, add_special_tokens=False)["input_ids"] + [backbone.tokenizer.eos_token_id]
 
 
+def unit_labels(labels: np.ndarray, unit: int, reduce) -> np.ndarray:
+    """Per-frame labels [F] -> per frame unit [ceil(F / unit)]: `reduce` over each unit's frames."""
+    pad = -len(labels) % unit  # the last frame repeated, as the family fills its last tubelet
+    full = np.concatenate([labels, np.repeat(labels[-1:], pad)])
+    return reduce(full.reshape(-1, unit), axis=1)
+
+
+def word_rows(backbone, question: str, focus: tuple[int, ...], q_mask: Tensor) -> list[int]:
+    """Question indices of the focus words (word positions of `question.split()`): each
+    word's last token, found through the tokenizer's character offsets, after the template
+    tokens that precede the words (the first True of q_mask)."""
+    text = question.strip()
+    enc = backbone.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) != int(q_mask.sum()):
+        raise ValueError(f"{backbone.model_id}: question {text!r} tokenizes to {len(enc['input_ids'])} tokens "
+                         f"but question_ids marks {int(q_mask.sum())}")
+    spans, at = [], 0
+    for w in text.split():
+        at = text.index(w, at)
+        spans.append((at, at + len(w)))
+        at += len(w)
+    start = int(q_mask.nonzero()[0])
+    rows = []
+    for i in focus:
+        lo, hi = spans[i]
+        rows.append(start + max(j for j, (a, b) in enumerate(enc["offset_mapping"]) if a < hi and b > lo))
+    return rows
+
+
 def collate(backbone, clips: list[Clip]) -> Batch:
-    """Embed frames and tokenize the text of a batch of equal-length clips."""
-    dev = backbone.device
-    frames = np.concatenate([c.frames for c in clips])
-    times = np.concatenate([c.times for c in clips])
-    durations = torch.tensor(np.concatenate([np.full(len(c.times), c.duration) for c in clips]), device=dev)
-    embs = backbone.embed_frames(frames, times, durations).reshape(len(clips), len(clips[0].times), backbone.n0, -1)
+    """Embed frames and tokenize the text of a batch of equal-length clips.
+
+    A family whose frame unit is several frames (Qwen2.5-VL's tubelets) embeds each clip
+    on its own (a tubelet never spans two clips); a unit is a needle unit if any of its
+    frames is, and carries its frames' largest shape / colour label (0 is none)."""
+    dev, unit = backbone.device, backbone.frame_unit
+    if unit == 1:
+        frames = np.concatenate([c.frames for c in clips])
+        times = np.concatenate([c.times for c in clips])
+        durations = torch.tensor(np.concatenate([np.full(len(c.times), c.duration) for c in clips]), device=dev)
+        embs = backbone.embed_frames(frames, times, durations).reshape(len(clips), len(clips[0].times), backbone.n0, -1)
+    else:
+        embs = torch.stack([backbone.embed_frames(c.frames, c.times, c.duration) for c in clips])
+    unit_times = np.stack([backbone.unit_times(c.times) for c in clips])
 
     seqs, targets, rows, answer_pos = [], [], [], []
     for c in clips:
@@ -256,23 +313,26 @@ def collate(backbone, clips: list[Clip]) -> Batch:
             tgt[len(q_ids) - 1 + j] = a
         seqs.append(ids)
         targets.append(tgt)
-        rows.append([1 + i for i in c.focus])  # suffix = <user> words... <assistant>; one token a word
+        rows.append(word_rows(backbone, c.question, c.focus, q_mask))
         answer_pos.append(len(q_ids) - 1)
     s, r = max(map(len, seqs)), max(map(len, rows))
     pad = backbone.tokenizer.pad_token_id
+    pad = backbone.tokenizer.eos_token_id if pad is None else pad
+    per_unit = lambda x, reduce: np.stack([unit_labels(getattr(c, x), unit, reduce) for c in clips])  # noqa: E731
     return Batch(
         frames=embs,
+        frame_times=torch.tensor(unit_times, dtype=torch.float64, device=dev),
         suffix_ids=torch.tensor([x + [pad] * (s - len(x)) for x in seqs], device=dev),
         suffix_valid=torch.tensor([[True] * len(x) + [False] * (s - len(x)) for x in seqs], device=dev),
         targets=torch.tensor([x + [-100] * (s - len(x)) for x in targets], device=dev),
         rows=torch.tensor([x + [x[0]] * (r - len(x)) for x in rows], device=dev),
         rows_valid=torch.tensor([[True] * len(x) + [False] * (r - len(x)) for x in rows], device=dev),
         answer_pos=torch.tensor(answer_pos, device=dev),
-        needle=torch.tensor(np.stack([c.needle for c in clips]), device=dev),
+        needle=torch.tensor(per_unit("needle", np.any), device=dev),
         needle_attrs=torch.tensor([c.needle_attrs for c in clips], device=dev),
         has_needle=torch.tensor([c.answer is not None for c in clips], device=dev),
-        shape=torch.tensor(np.stack([c.shape for c in clips]), device=dev),
-        colour=torch.tensor(np.stack([c.colour for c in clips]), device=dev),
+        shape=torch.tensor(per_unit("shape", np.max), device=dev),
+        colour=torch.tensor(per_unit("colour", np.max), device=dev),
     )
 
 
@@ -290,7 +350,7 @@ def losses(backbone, heads: AttributeHeads, batch: Batch, comp: CompressionConfi
     suffix = backbone.embed_ids(batch.suffix_ids)
     out = lp_forward(
         backbone, batch.frames, comp, suffix=suffix, suffix_valid=batch.suffix_valid,
-        prob_rows=batch.rows, prob_layers=score_layers, record_frames=True,
+        prob_rows=batch.rows, prob_layers=score_layers, record_frames=True, frame_times=batch.frame_times,
     )
     logits = out.logits.float()
     answer = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
@@ -332,7 +392,7 @@ def evaluate(backbone, clips: list[Clip], comp: CompressionConfig, batch_size: i
     for lo in range(0, len(clips), batch_size):
         batch = collate(backbone, clips[lo : lo + batch_size])
         out = lp_forward(backbone, batch.frames, comp, suffix=backbone.embed_ids(batch.suffix_ids),
-                         suffix_valid=batch.suffix_valid)
+                         suffix_valid=batch.suffix_valid, frame_times=batch.frame_times)
         idx = torch.arange(len(out.logits))
         pred = out.logits[idx, batch.answer_pos].argmax(-1)
         right += (pred == batch.targets[idx, batch.answer_pos]).tolist()
@@ -349,11 +409,19 @@ def eval_clips(n: int, frames: int, size: tuple[int, int], seed: int = 0) -> lis
     return [make_clip(phase, frames, rng, size, seed=EVAL_SEED_BASE + seed * 100_000 + i) for i in range(n)]
 
 
-def vision_tower(backbone) -> nn.Module:
-    """The part `--freeze-vision` freezes: the tiny conv stem or a real VLM's vision tower."""
+def frozen_vision(backbone) -> list[nn.Parameter]:
+    """What `--freeze-vision` freezes: the tiny conv stem, or a real VLM's vision encoder
+    without its projector (LLaVA-OneVision: the SigLIP tower, its multi_modal_projector
+    and image_newline stay trained; Qwen2.5-VL: the ViT blocks and patch embedding, its
+    patch merger, the projector, stays trained)."""
     if hasattr(backbone, "stem"):
-        return backbone.stem
-    return backbone.vlm.model.vision_tower
+        return list(backbone.stem.parameters())
+    model = backbone.vlm.model
+    if hasattr(model, "vision_tower"):
+        return list(model.vision_tower.parameters())
+    if hasattr(model, "visual") and hasattr(model.visual, "merger"):
+        return [p for name, p in model.visual.named_parameters() if not name.startswith("merger.")]
+    raise ValueError(f"{backbone.model_id}: no known vision tower to freeze in {type(backbone.vlm).__name__}")
 
 
 def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
@@ -368,13 +436,24 @@ def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
     return load_backbone(init, dtype=torch.float32)
 
 
-def save(backbone, out: Path, record: dict) -> None:
-    """Checkpoint in the backbone's own format + a "trained" record in config.json."""
+def save(backbone, out: Path, record: dict, source: str | None = None) -> None:
+    """Checkpoint in the backbone's own format + a "trained" record in config.json.
+
+    A real VLM is written by transformers' save_pretrained (weights, config, generation
+    config, tokenizer), and the processor files it does not write (chat template, video
+    processor config) are copied from `source`, the checkpoint trained from (a directory
+    or a hub id), so load_backbone(out) runs it as it ran `source`."""
+    from model.backbone import PROCESSOR_FILES, checkpoint_file
+
     if hasattr(backbone, "save"):
         backbone.save(out)
     else:  # real VLM
         backbone.vlm.save_pretrained(out)
         backbone.tokenizer.save_pretrained(out)
+        for name in PROCESSOR_FILES if source is not None else ():
+            found = checkpoint_file(source, name, required=False)
+            if found is not None and found.resolve() != (out / name).resolve():
+                shutil.copyfile(found, out / name)
     cfg_file = out / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["trained"] = record
@@ -418,16 +497,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--minutes", type=float, default=None,
                     help="wall-clock budget: the run ends (curriculum and LR compressed to fit) when it is used up")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", default=None, help="continue from this checkpoint (default: random init)")
+    ap.add_argument("--init", "--model", dest="init", default=None,
+                    help="train this checkpoint: 'tiny', a directory or a hub id of any family "
+                         "(default: a random tiny)")
     ap.add_argument("--start-fraction", type=float, default=0.0,
                     help="with --init: resume the curriculum and LR schedule at this fraction of a run")
     ap.add_argument("--tiny-config", type=json.loads, default=None,
                     help='TinyConfig overrides for a random init, JSON, e.g. \'{"hidden_size": 64}\'')
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--no-lpcomp", action="store_true", help="train without compression (comparison)")
-    ap.add_argument("--w-attr", type=float, default=0.5, help="weight of the attribute loss")
-    ap.add_argument("--w-vision", type=float, default=0.5, help="weight of the attribute loss on the projector output")
-    ap.add_argument("--w-focus", type=float, default=1.0, help="weight of the focus-word readout loss")
+    ap.add_argument("--warmup", type=int, default=100, help="steps of linear LR warm-up")
+    ap.add_argument("--batch", type=int, default=None, help="clips per step in every phase (default: the curriculum's)")
+    ap.add_argument("--max-frames", type=int, default=None,
+                    help="at most this many frames per clip (real checkpoints: n0 tokens a frame, e.g. 196)")
+    ap.add_argument("--w-attr", type=float, default=None,
+                    help="weight of the attribute loss (default 0.5 for tiny, 0 for other families)")
+    ap.add_argument("--w-vision", type=float, default=None,
+                    help="weight of the attribute loss on the projector output (default 0.5 for tiny, 0 for others)")
+    ap.add_argument("--w-focus", type=float, default=None,
+                    help="weight of the focus-word readout loss (default 1 for tiny, 0 for other families)")
     ap.add_argument("--w-relevance", type=float, default=1.0, help="weight of the relevance loss")
     ap.add_argument("--freeze-vision", action="store_true", help="real checkpoints: tune projector + LLM only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
@@ -443,7 +531,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--start-fraction must be in [0, 1), got {args.start_fraction}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    for flag in ("warmup", "batch", "max_frames"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     return args
+
+
+def head_weights(args: argparse.Namespace, backbone) -> tuple[float, float, float]:
+    """(attr, vision, focus) loss weights: the flags, else the defaults of the backbone's kind.
+
+    The three auxiliary heads are linear probes trained alongside and thrown away: they
+    exist to get a model trained from scratch (tiny) past the answer prior. A pretrained
+    VLM's frame tokens already carry their content, and pulling its features toward the
+    synthetic shape / colour classes would only specialise it to them, so for other
+    families they default to 0 and the loss is the answer cross-entropy plus the
+    relevance loss (the attention mass QC-Comp ranks frames by, which no pretrained VLM
+    was trained for).
+    """
+    tiny = hasattr(backbone, "stem")
+    pick = lambda given, default: given if given is not None else (default if tiny else 0.0)  # noqa: E731
+    return pick(args.w_attr, 0.5), pick(args.w_vision, 0.5), pick(args.w_focus, 1.0)
+
+
+def fit_phase(phase: Phase, batch: int | None, max_frames: int | None) -> Phase:
+    """The curriculum phase with the --batch and --max-frames overrides."""
+    lo, hi = phase.frames
+    if max_frames is not None:
+        lo, hi = min(lo, max_frames), min(hi, max_frames)
+    return dataclasses.replace(phase, frames=(lo, hi), batch=batch or phase.batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -459,8 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.init is not None and (Path(args.init) / "config.json").is_file():
         init_record = json.loads((Path(args.init) / "config.json").read_text()).get("trained")
     if args.freeze_vision:
-        for p in vision_tower(backbone).parameters():
+        for p in frozen_vision(backbone):
             p.requires_grad_(False)
+    w_attr, w_vision, w_focus = head_weights(args, backbone)
     comp = CompressionConfig(enabled=not args.no_lpcomp)
     score_layers = IndexConfig().resolved_score_layers(backbone.num_layers)
     heads = AttributeHeads(backbone).to(backbone.device)
@@ -468,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     seeds = np.random.default_rng(args.seed)
     size = backbone.image_size
-    held_out = eval_clips(args.eval_clips, 64, size, seed=args.seed)
+    held_out = eval_clips(args.eval_clips, min(64, args.max_frames or 64), size, seed=args.seed)
     ckpt_dir = args.checkpoint_dir or args.out
     command = "python -m model.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     history, evals, phase_starts = [], [], {}
@@ -477,10 +593,12 @@ def main(argv: list[str] | None = None) -> dict:
     def record(step: int) -> dict:
         return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
                 "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,
-                "minutes": round(clock.elapsed() / 60, 1), "init": init_record}
+                "minutes": round(clock.elapsed() / 60, 1), "init": init_record, "model": args.init,
+                "loss_weights": {"answer": 1.0, "attr": w_attr, "vision": w_vision, "focus": w_focus,
+                                 "relevance": args.w_relevance}, "freeze_vision": args.freeze_vision}
 
     def next_batch(worker: ProcessPoolExecutor, frac: float) -> tuple[Phase, Future]:
-        phase = phase_at(frac)
+        phase = fit_phase(phase_at(frac), args.batch, args.max_frames)
         return phase, worker.submit(training_batch, phase, int(seeds.integers(2**63)), size)
 
     bar = tqdm(total=args.steps, disable=args.no_progress, mininterval=5)
@@ -494,28 +612,29 @@ def main(argv: list[str] | None = None) -> dict:
             ahead = next_batch(worker, frac)
             phase_starts.setdefault(phase.name, step)
             for group in opt.param_groups:
-                group["lr"] = args.lr * lr_factor(frac, step)
+                group["lr"] = args.lr * lr_factor(frac, step, args.warmup)
             batch = collate(backbone, clips)
             parts = losses(backbone, heads, batch, comp, score_layers)
-            loss = objective(parts, args.w_attr, args.w_vision, args.w_focus, args.w_relevance)
+            loss = objective(parts, w_attr, w_vision, w_focus, args.w_relevance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            history.append({"step": step, **{k: float(v.detach()) for k, v in parts.items()}})
+            history.append({"step": step, "loss": float(loss.detach()),
+                            **{k: float(v.detach()) for k, v in parts.items()}})
             bar.update()
             bar.set_postfix(phase=phase.name, ans=f"{history[-1]['answer']:.3f}", acc=f"{history[-1]['acc']:.2f}",
                             rel=f"{history[-1]['relevance']:.2f}", refresh=False)
             if step % args.eval_every == 0:
                 run_eval(backbone, held_out, comp, step, phase, history, evals)
             if step % args.save_every == 0:
-                save(backbone, ckpt_dir, record(step))
+                save(backbone, ckpt_dir, record(step), args.init)
                 plot_curve(history, evals, phase_starts, ckpt_dir / "loss_curve.png")
     bar.close()
     if not evals or evals[-1][0] != step:
         run_eval(backbone, held_out, comp, step, phase, history, evals)
-    save(backbone, args.out, record(step))
+    save(backbone, args.out, record(step), args.init)
     plot_curve(history, evals, phase_starts, args.out / "loss_curve.png")
     (args.out / "train_log.json").write_text(
         json.dumps({"evals": evals, "history": history[:: max(1, len(history) // 1000)]}) + "\n"

@@ -1,0 +1,27 @@
+"""bench/families.py: the real checkpoints' layouts by their families' rules, and the
+bytes-per-frame arithmetic against a window object actually written."""
+
+import pytest
+
+from bench.families import CONFIGS, expected_bytes, layout, written_bytes
+
+LAYOUTS = {name: layout(name, family, cfg) for name, family, cfg in CONFIGS}
+
+
+def test_real_layouts():
+    ov05, ov7 = LAYOUTS["llava-onevision-qwen2-0.5b-ov"], LAYOUTS["llava-onevision-qwen2-7b-ov"]
+    qwen3, qwen7 = LAYOUTS["Qwen2.5-VL-3B-Instruct"], LAYOUTS["Qwen2.5-VL-7B-Instruct"]
+    assert (ov05.n0, ov05.frame_unit, ov05.layers, ov05.kv_heads, ov05.head_dim) == (196, 1, 24, 2, 64)
+    assert ov05.hidden == 896
+    assert (ov7.layers, ov7.kv_heads, ov7.head_dim, ov7.hidden) == (28, 4, 128, 3584)
+    assert (qwen3.n0, qwen3.frame_unit, qwen3.layers, qwen3.kv_heads, qwen3.head_dim) == (256, 2, 36, 2, 128)
+    assert (qwen7.n0, qwen7.layers, qwen7.kv_heads, qwen7.hidden) == (256, 28, 4, 3584)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+@pytest.mark.parametrize("lpcomp", [True, False])
+def test_arithmetic_matches_a_written_object(quant, lpcomp):
+    s, frames = LAYOUTS["llava-onevision-qwen2-0.5b-ov"], 2
+    expected = sum(expected_bytes(s, lpcomp, quant, frames).values())
+    written = written_bytes(s, lpcomp, quant, frames)
+    assert expected <= written <= expected + 4096  # the rest is the JSON header, a few KB a window
