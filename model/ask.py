@@ -28,6 +28,7 @@ from torch import Tensor
 from model.generate import Answer, GenerateConfig, answer_cached, answer_embeddings
 from model.config import CompressionConfig
 from model.kvcache import WindowReader
+from model.lpcomp import unit_schedule
 from model.qccomp import FrameScores, MapFn, QuestionContext, score_frames
 
 ANSWER_MODES = ("cached", "reencode")
@@ -82,7 +83,7 @@ def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig |
     keep policy), or `comp` checked against it."""
     flat = [backbone.n0] * backbone.num_layers
     comp = comp or CompressionConfig(enabled=reader.meta.schedule != flat, policy=reader.meta.policy)
-    want = comp.tokens_per_layer(backbone.num_layers, backbone.n0)
+    want = unit_schedule(comp, backbone.num_layers, backbone.n0, backbone.unit_text)
     if want != reader.meta.schedule or (comp.enabled and comp.policy != reader.meta.policy):
         raise ValueError(f"compression {comp} gives schedule {want}, but {reader.name} was written with "
                          f"{reader.meta.schedule}, policy {reader.meta.policy}")

@@ -8,13 +8,17 @@
 
 Device and dtype are chosen at run time: CUDA + bf16 when available, else CPU fp32.
 Families (`FAMILIES`, keyed by config.json's model_type): `tiny` (model/tiny.py),
-`llava_onevision` (model/families/llava_onevision.py) and `qwen2_5_vl`
-(model/families/qwen2_5_vl.py), each run as transformers runs a video (docs/MODELS.md).
+`llava_onevision` (model/families/llava_onevision.py), `qwen2_5_vl`
+(model/families/qwen2_5_vl.py) and `qwen3_vl` (model/families/qwen3_vl.py), each run as
+transformers runs a video (docs/MODELS.md).
 
 Positions: a 1-D family gives each token one index, and LP-Comp renumbers the kept
 tokens 0..len-1 after every drop. A `rope_3d` family (Qwen2.5-VL's M-RoPE) gives every
 frame token a (t, h, w) id from `frame_positions` and text one id on all three axes;
-ids are coordinates, so kept tokens keep theirs (model/positions.py).
+ids are coordinates, so kept tokens keep theirs (model/positions.py). A frame unit may
+carry text (Qwen3-VL: its timestamp, vision_start and vision_end in `unit_text` slots that
+LP-Comp never drops, padded to a fixed n0: `unit_valid`) and DeepStack maps
+(`deepstack_layers`, behind the embeddings that `embed_frames` returns).
 
 A checkpoint's own Python code (`auto_map` in its configs) runs only with
 `load_backbone(spec, trust_remote_code=True)`, which only the user's `--trust-remote-code`
@@ -75,6 +79,10 @@ class Backbone(nn.Module):
 
     frame_unit: int = 1  # decoded frames per cached frame (Qwen2.5-VL: 2, a tubelet)
     rope_3d: bool = False  # (t, h, w) position ids per token (M-RoPE), else one index
+    # (lead, tail): text slots at the start and end of each frame unit's n0 (Qwen3-VL's
+    # timestamp + vision_start, vision_end); LP-Comp never drops them
+    unit_text: tuple[int, int] = (0, 0)
+    deepstack_layers: int = 0  # visual feature maps added to the frame tokens after layers 0.. (Qwen3-VL)
 
     def unit_times(self, times) -> np.ndarray:
         """Timestamps [F] of decoded frames -> of the cached frame units [ceil(F / frame_unit)]:
@@ -86,9 +94,15 @@ class Backbone(nn.Module):
         tokens, counted from the first video token (which sits right after the prefix)."""
         raise NotImplementedError(f"{type(self).__name__} has 1-D positions")
 
-    def text_offset(self) -> int:
-        """rope_3d families: the first text token after the video sits at P + this id."""
+    def text_offset(self, times: Tensor | None = None) -> int:
+        """rope_3d families: the first text token after the frame units at `times` [T] sits
+        at P + this id."""
         raise NotImplementedError(f"{type(self).__name__} has 1-D positions")
+
+    def unit_valid(self, times: Tensor) -> Tensor | None:
+        """Which of each frame unit's n0 slots are tokens [T, n0] bool (False: padding that
+        attention skips); None: all of them."""
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -277,6 +291,7 @@ FAMILIES: dict[str, Callable[..., Backbone]] = {
     "tiny": _load_tiny,
     "llava_onevision": _import_loader("model.families.llava_onevision"),
     "qwen2_5_vl": _import_loader("model.families.qwen2_5_vl"),
+    "qwen3_vl": _import_loader("model.families.qwen3_vl"),
 }
 
 

@@ -3,7 +3,7 @@
 LP-Comp renumbers positions after every drop, so each layer has its own position
 ids and its own sequence length; the stock `Qwen2Model.forward` cannot do that.
 This module runs the HF layer modules' own weights (norms, q/k/v/o projections
-with biases, MLP, rotary embedding) one layer at a time.
+with biases, Qwen3's per-head q/k norms, MLP, rotary embedding) one layer at a time.
 
 Usage:
 
@@ -277,6 +277,8 @@ def layer_step(
     q = attn.q_proj(x).view(b, t, -1, hd)
     k = attn.k_proj(x).view(b, t, -1, hd)
     v = attn.v_proj(x).view(b, t, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3 decoders: RMS norm per head, before RoPE (the cached keys are normed)
+        q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = decoder.rotary_emb(x, positions)
     q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 

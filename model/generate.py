@@ -13,7 +13,7 @@ Modes:
   then generation continues with every new token at position len(l) of its layer. No
   frame is re-encoded. An M-RoPE backbone places frames and question by its own rules
   instead (model/positions.py): each frame token at P + its (t, h, w) id, from the
-  frames' `times`.
+  frames' `times`; a frame unit's padding slots (Qwen3-VL's timestamp room) are masked.
 - `reencode` (paper-exact): the LP-Comp forward over the selected frames' cached
   embeddings jointly, question as suffix, then generation.
 - `full` (reference, no cache): the same forward over all frames' embeddings, as XComp
@@ -167,7 +167,8 @@ def answer_cached(backbone, ctx: QuestionContext, keys: list[Tensor], values: li
         if times is None or len(times) != len(keys[0]):
             raise ValueError(f"{backbone.model_id} places frames by time (M-RoPE): need times of the {len(keys[0])} "
                              f"frames, got {None if times is None else len(times)}")
-        kept = kept_tokens(policy, [k.shape[1] for k in keys])
+        kept = kept_tokens(policy, [k.shape[1] for k in keys], backbone.unit_text)
+        slot_valid = backbone.unit_valid(torch.as_tensor(np.asarray(times, dtype=np.float64)))  # [K, n0] or None
     extra = len(ctx.question_embs) + cfg.max_new_tokens - 1  # the question, then every token but the last
     caches = []
     for l in range(backbone.num_layers):  # [prefix | frames rotated at P .. P + K*n(l) - 1], as video_past
@@ -178,10 +179,11 @@ def answer_cached(backbone, ctx: QuestionContext, keys: list[Tensor], values: li
             cache.append(rotate(dec, k, torch.arange(p, p + k.shape[1], device=k.device)[None]), v)
         else:  # each token at P + its (t, h, w) id
             pos = frame_token_positions(backbone, times, kept[l], p)[:, None]
-            cache.append(rotate(dec, k, pos), v, positions=pos)
+            valid = None if slot_valid is None else slot_valid[:, kept[l]].flatten()[None].to(k.device)
+            cache.append(rotate(dec, k, pos), v, valid, positions=pos)
         caches.append(cache)
     q = ctx.question_embs[None]
-    res = extend(dec, q, past=caches, positions=question_positions(backbone, p, q.shape[1]))
+    res = extend(dec, q, past=caches, positions=question_positions(backbone, p, q.shape[1], times=times))
     return generate(backbone, caches, _prompt_logits(backbone, res.hidden), cfg)
 
 

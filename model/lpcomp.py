@@ -6,7 +6,11 @@ keep policy picks n(l+1) of them (the kept sets nest) and the sequence is renumb
 0..len-1. Text tokens are never dropped. An M-RoPE backbone (`rope_3d`) is not
 renumbered: its ids are coordinates, so a kept token keeps its (t, h, w) id (prefix
 at 0..P-1, frame tokens at P + `frame_positions(times)`, the suffix from P +
-`text_offset()`), at every layer, as the model's get_rope_index places the full video.
+`text_offset(times)`), at every layer, as the model's get_rope_index places the full video.
+A backbone whose frame units carry text (Qwen3-VL's timestamps: `unit_text` lead/tail
+slots, `unit_valid` padding) keeps those slots at every layer and drops among the video
+tokens only; its DeepStack maps are added to the kept video tokens after layers
+0..deepstack_layers-1, as the model adds them to every video token.
 
 Two entry points:
 
@@ -100,7 +104,8 @@ def lp_forward(
 ) -> LPOutput:
     """Decoder forward over [prefix | frames | suffix] with the LP-Comp schedule active.
 
-    frames [B, F, n0, D] (projector output + time signal); prefix [B, P, D] defaults to
+    frames [B, F, n0, D] (projector output + time signal; a DeepStack backbone's
+    [B, F, n0, D x (1 + deepstack_layers)], its maps behind the embeddings); prefix [B, P, D] defaults to
     the backbone's template; suffix [B, S, D] (question / answer text embeddings, may be
     empty). prob_rows: LongTensor [R] or [B, R] of suffix indices whose attention to the
     frame tokens is returned for `prob_layers`. record_frames: keep the per-layer
@@ -112,11 +117,14 @@ def lp_forward(
     """
     dec = backbone.decoder
     num_layers = len(dec.layers)
-    if frames.dim() != 4 or frames.shape[2] != backbone.n0 or frames.shape[3] != dec.config.hidden_size:
-        raise ValueError(
-            f"frames must be [B, F, n0={backbone.n0}, D={dec.config.hidden_size}], got {tuple(frames.shape)}"
-        )
-    b, f, n0, d = frames.shape
+    d, ds = dec.config.hidden_size, backbone.deepstack_layers
+    if frames.dim() != 4 or frames.shape[2] != backbone.n0 or frames.shape[3] != d * (1 + ds):
+        width = f"{d} x {1 + ds} (embeddings, then {ds} DeepStack maps)" if ds else str(d)
+        raise ValueError(f"frames must be [B, F, n0={backbone.n0}, D={width}], got {tuple(frames.shape)}")
+    deep = None  # [B, F, n0, ds, D]: added to the frame tokens after layers 0..ds-1
+    if ds:
+        frames, deep = frames[..., :d], frames[..., d:].unflatten(-1, (ds, d))
+    b, f, n0, _ = frames.shape
     dev = frames.device
     if prefix is None:
         ids = backbone.prefix_ids().to(dev)
@@ -135,25 +143,33 @@ def lp_forward(
     if bad:
         raise ValueError(f"prob_layers {bad} outside 0..{num_layers - 1}")
     ids = None  # rope_3d: (t, h, w) ids of every frame token [B, F, n0, 3], gathered as tokens are dropped
+    slot_valid = None  # [B, F, n0]: which slots of a frame unit are tokens (None: all)
     if backbone.rope_3d:
         if frame_times is None or tuple(frame_times.shape) != (b, f):
             raise ValueError(f"{backbone.model_id} places frames by time (M-RoPE): frame_times must be [{b}, {f}], "
                              f"got {None if frame_times is None else tuple(frame_times.shape)}")
         ids = torch.stack([backbone.frame_positions(t) for t in frame_times]).to(dev)
+        text = torch.tensor([backbone.text_offset(t[v.cpu()]) for t, v in zip(frame_times, frame_valid)], device=dev)
+        slots = [backbone.unit_valid(t) for t in frame_times]
+        slot_valid = None if slots[0] is None else torch.stack(slots).to(dev)
 
-    sched = comp.tokens_per_layer(num_layers, n0)
+    lead, tail = backbone.unit_text
+    sched = unit_schedule(comp, num_layers, n0, (lead, tail))
     kept = torch.arange(n0, device=dev).expand(b, f, n0)
     prefix_h, frame_h, suffix_h = prefix, frames, suffix
     out = LPOutput(hidden=suffix, logits=None, past=[])
     for l in range(num_layers):
         n = frame_h.shape[2]  # == sched[l]
         hidden = torch.cat([prefix_h, frame_h.reshape(b, f * n, d), suffix_h], 1)
-        valid = torch.cat([prefix_valid, frame_valid.repeat_interleave(n, 1), suffix_valid], 1)
+        tokens_valid = frame_valid[:, :, None].expand(b, f, n)
+        if slot_valid is not None:
+            tokens_valid = tokens_valid & _gather_frames(slot_valid, kept)
+        valid = torch.cat([prefix_valid, tokens_valid.reshape(b, f * n), suffix_valid], 1)
         rows = None
         if l in prob_layers and prob_rows is not None:
             rows = prob_rows + p + f * n
-        pos = positions_for(valid) if ids is None else _rope_3d_positions(_gather_frames(ids, kept), p,
-                                                                         backbone.text_offset(), suffix_valid)
+        pos = positions_for(valid) if ids is None else _rope_3d_positions(_gather_frames(ids, kept), p, text,
+                                                                         suffix_valid)
         res = layer_step(dec, l, hidden, pos, valid, prob_rows=rows)
 
         fk = res.keys[:, p : p + f * n].reshape(b, f, n, *res.keys.shape[2:])
@@ -168,8 +184,13 @@ def lp_forward(
             out.probs[l] = res.probs[..., p : p + f * n].reshape(*res.probs.shape[:3], f, n)
         prefix_h, frame_h, suffix_h = res.hidden.split([p, f * n, s], 1)
         frame_h = frame_h.reshape(b, f, n, d)
-        if l + 1 < num_layers and sched[l + 1] < n:  # drop after this layer, by its keys
-            sel = select_tokens(comp.policy, sched[l + 1], fk)
+        if deep is not None and l < ds:  # DeepStack: layer l's visual map onto the tokens kept here
+            frame_h = frame_h + _gather_frames(deep[:, :, :, l], kept)
+        if l + 1 < num_layers and sched[l + 1] < n:  # drop after this layer, by its keys; text slots stay
+            sel = select_tokens(comp.policy, sched[l + 1] - lead - tail, fk[:, :, lead : n - tail]) + lead
+            if lead or tail:
+                sel = torch.cat([torch.arange(lead, device=dev).expand(b, f, -1), sel,
+                                 torch.arange(n - tail, n, device=dev).expand(b, f, -1)], 2)
             frame_h, kept = _gather_frames(frame_h, sel), _gather_frames(kept, sel)
 
     out.hidden = dec.norm(suffix_h)
@@ -177,14 +198,21 @@ def lp_forward(
     return out
 
 
-def _rope_3d_positions(ids: Tensor, p: int, text: int, suffix_valid: Tensor) -> Tensor:
+def unit_schedule(comp: CompressionConfig, num_layers: int, n0: int, text: tuple[int, int] = (0, 0)) -> list[int]:
+    """Tokens per frame unit at each layer: the schedule over its n0 - lead - tail video
+    tokens, plus its (lead, tail) text slots, which are never dropped."""
+    lead, tail = text
+    return [lead + n + tail for n in comp.tokens_per_layer(num_layers, n0 - lead - tail)]
+
+
+def _rope_3d_positions(ids: Tensor, p: int, text: Tensor, suffix_valid: Tensor) -> Tensor:
     """M-RoPE ids [3, B, P + F*n + S] of [prefix | frame tokens | suffix]: the prefix at
-    0..P-1, frame tokens at P + ids [B, F, n, 3], the suffix's valid tokens from P + text on
-    (text on all three axes)."""
+    0..P-1, frame tokens at P + ids [B, F, n, 3], the suffix's valid tokens from P + text [B]
+    on (text on all three axes)."""
     b = ids.shape[0]
     prefix = torch.arange(p, device=ids.device).expand(3, b, p)
     frames = (p + ids.flatten(1, 2)).permute(2, 0, 1)
-    suffix = (p + text + positions_for(suffix_valid)).expand(3, -1, -1)
+    suffix = (p + text[:, None] + positions_for(suffix_valid)).expand(3, -1, -1)
     return torch.cat([prefix, frames, suffix], 2)
 
 

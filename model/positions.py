@@ -7,7 +7,7 @@ right after them (the cache's length).
 `rope_3d` backbones (Qwen2.5-VL's M-RoPE): a frame token sits at P + its (t, h, w) id,
 the one it had at ingest: the id depends only on the frame's time (absolute) and on the
 token's cell in the frame, not on the window nor on which frames are selected, so a
-"when" question keeps each frame's time. The question sits at P + `text_offset()` on, as
+"when" question keeps each frame's time. The question sits at P + `text_offset(times)` on, as
 the model's get_rope_index places text after a video; generation continues after the
 largest id (model/decoder.py). A cached frame stores no kept indices: the keep policies
 that choose by position (`suffix`, `uniform`) keep the same tokens of every frame, which
@@ -25,17 +25,21 @@ from model.lpcomp import select_tokens
 POSITIONAL_POLICIES = ("suffix", "uniform")
 
 
-def kept_tokens(policy: str, schedule: list[int]) -> list[Tensor]:
+def kept_tokens(policy: str, schedule: list[int], text: tuple[int, int] = (0, 0)) -> list[Tensor]:
     """Per layer l, the indices [n(l)] into a frame's n0 = schedule[0] tokens that LP-Comp
-    keeps for a positional keep policy: the same for every frame, nested as lp_forward drops."""
+    keeps for a positional keep policy: the same for every frame, nested as lp_forward drops.
+    text: the backbone's `unit_text` (lead, tail) slots, always kept."""
     if policy not in POSITIONAL_POLICIES and any(n < schedule[0] for n in schedule):
         raise ValueError(f"keep policy {policy!r} chooses tokens per frame, so cached frames of an M-RoPE model "
                          f"cannot be re-positioned; use one of {POSITIONAL_POLICIES}")
+    lead, tail = text
     kept = [torch.arange(schedule[0])]
     for n in schedule[1:]:
         cur = kept[-1]
         if n < len(cur):
-            cur = cur[select_tokens(policy, n, torch.zeros(1, 1, len(cur), 1, 1))[0, 0]]
+            vis = cur[lead : len(cur) - tail]
+            vis = vis[select_tokens(policy, n - lead - tail, torch.zeros(1, 1, len(vis), 1, 1))[0, 0]]
+            cur = torch.cat([cur[:lead], vis, cur[len(cur) - tail :]])
         kept.append(cur)
     return kept
 
@@ -47,10 +51,14 @@ def frame_token_positions(backbone, times: Tensor, kept: Tensor, start: int) -> 
     return (start + ids.flatten(0, 1)).T.to(backbone.device)
 
 
-def question_positions(backbone, prefix_len: int, length: int, batch: int = 1) -> Tensor | None:
-    """rope_3d: positions [batch, length] of the question after the video; None for 1-D
-    backbones (it continues each layer's cache)."""
+def question_positions(backbone, prefix_len: int, length: int, batch: int = 1, times=None) -> Tensor | None:
+    """rope_3d: positions [batch, length] of the question after the video of frame units at
+    `times` [K], or per row (a list of `batch` such arrays, one a window); Qwen3-VL needs
+    them, its timestamps are text. None for 1-D backbones (it continues each layer's cache)."""
     if not backbone.rope_3d:
         return None
-    start = prefix_len + backbone.text_offset()
-    return torch.arange(start, start + length, device=backbone.device).expand(batch, -1)
+    rows = times if isinstance(times, (list, tuple)) else [times] * batch
+    if len(rows) != batch:
+        raise ValueError(f"question positions for {batch} rows need {batch} arrays of frame times, got {len(rows)}")
+    start = torch.tensor([prefix_len + backbone.text_offset(t) for t in rows], device=backbone.device)
+    return start[:, None] + torch.arange(length, device=backbone.device)

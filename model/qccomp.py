@@ -9,7 +9,9 @@
 Each window is scored segment-locally, as it was encoded: at layer l the sequence is
 [prefix | the window's frames, n(l) cached tokens each | question], positions
 0..len-1 (an M-RoPE backbone: each frame token at P + its (t, h, w) id, the question
-from P + text_offset(), model/positions.py). A frame's score is the attention probability from the question's own words
+from P + text_offset(times), model/positions.py; `fast` needs a question position that
+does not depend on the window, which Qwen3-VL's timestamps do not give: it scores
+`exact` only). A frame's score is the attention probability from the question's own words
 (not the template) to the frame's tokens, averaged over heads, question words and the
 frame's tokens, summed over the scoring layers.
 
@@ -224,6 +226,9 @@ def video_past(backbone, prefix: LayerKV, keys: list[Tensor], values: list[Tenso
     pos = torch.zeros(3, b, f_max * n, dtype=torch.long, device=dev)
     for i, t in enumerate(times):
         pos[:, i, : len(t) * n] = frame_token_positions(backbone, t, kept, p)
+        slots = backbone.unit_valid(torch.as_tensor(np.asarray(t, dtype=np.float64)))  # padding slots: masked
+        if slots is not None:
+            valid[i, : len(t) * n] &= slots[:, kept.cpu()].flatten().to(dev)
     return prefix.cat(LayerKV(rotate(backbone.decoder, k, pos), v, valid, positions_end(pos, valid)))
 
 
@@ -233,16 +238,18 @@ def placement_kept(backbone, reader: WindowReader) -> list[Tensor] | None:
     if not backbone.rope_3d:
         return None
     try:
-        return kept_tokens(reader.meta.policy, reader.meta.schedule)
+        return kept_tokens(reader.meta.policy, reader.meta.schedule, backbone.unit_text)
     except ValueError as e:
         raise CacheError(reader.name, str(e)) from None
 
 
-def _frame_means(probs: Tensor, p: int, f_max: int, n: int, per_word: bool = False) -> Tensor:
+def _frame_means(probs: Tensor, p: int, f_max: int, n: int, per_word: bool = False,
+                 text: tuple[int, int] = (0, 0)) -> Tensor:
     """probs [B, H, R, S] over [prefix | F_max x n frame tokens | ...] -> [B, F_max]:
-    mean over heads, question rows and the frame's tokens; per_word: [B, F_max, R], the
-    question rows kept apart (model/calibrate.py)."""
-    frames = probs[..., p : p + f_max * n].reshape(*probs.shape[:3], f_max, n)
+    mean over heads, question rows and the frame's video tokens (not its `unit_text`
+    (lead, tail) slots); per_word: [B, F_max, R], the question rows kept apart
+    (model/calibrate.py)."""
+    frames = probs[..., p : p + f_max * n].reshape(*probs.shape[:3], f_max, n)[..., text[0] : n - text[1]]
     return frames.mean(dim=(1, 4)).transpose(1, 2) if per_word else frames.mean(dim=(1, 2, 4))
 
 
@@ -257,11 +264,12 @@ def exact_batch_scores(backbone, ctx: QuestionContext, kvs: list, frames: list[i
                        times=times, kept=None if kept is None else kept[l])
             for l in range(last + 1)]
     q = ctx.question_embs[None].expand(len(kvs), -1, -1)
+    pos = question_positions(backbone, ctx.prefix_len, q.shape[1], len(kvs), times=times)
     res = extend(backbone.decoder, q, past=past, layers=range(last + 1), prob_rows=ctx.user_rows,
-                 prob_layers=score_layers, positions=question_positions(backbone, ctx.prefix_len, q.shape[1], len(kvs)))
+                 prob_layers=score_layers, positions=pos)
     f_max = max(frames)
-    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1], per_word)
-               for l in score_layers)
+    return sum(_frame_means(res.probs[l], ctx.prefix_len, f_max, kvs[0][0][l].shape[1], per_word,
+                            backbone.unit_text) for l in score_layers)
 
 
 def window_kv(reader: WindowReader) -> tuple[list[Tensor], list[Tensor]]:
@@ -353,7 +361,8 @@ def fast_batch_scores(backbone, ctx: QuestionContext, stored: list[dict[int, Ten
         pos = question_positions(backbone, ctx.prefix_len, h.shape[1], len(stored))
         out = layer_step(backbone.decoder, l, h, positions_for(valid, past.length) if pos is None else pos, valid,
                          past, prob_rows=ctx.user_rows)
-        total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1], per_word)
+        total = total + _frame_means(out.probs, ctx.prefix_len, f_max, keys[0].shape[1], per_word,
+                                     backbone.unit_text)
     return total
 
 

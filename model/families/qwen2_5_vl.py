@@ -170,7 +170,8 @@ class Qwen2_5_VLBackbone(TemplatedBackbone):
         ids[..., 0] += t_ids[:, None]
         return ids
 
-    def text_offset(self) -> int:
+    def text_offset(self, times: Tensor | None = None) -> int:
+        """max(grid) whatever the tubelets' times."""
         return max(self.merged_grid)
 
 
