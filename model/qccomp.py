@@ -319,12 +319,13 @@ class _BestKV:
                 self.kv[(w, j)] = ([k[j].clone() for k in keys], [v[j].clone() for v in values])
 
 
-def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> dict[int, Tensor]:
+def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...], times=None) -> dict[int, Tensor]:
     """The question's hidden states entering each of `layers` [1, Q, D], from
     [prefix | question] with no video (the question where it sits after a video for an
-    M-RoPE backbone): what `fast` scoring queries with."""
+    M-RoPE backbone; after the units at `times`, for one whose video carries text): what
+    `fast` scoring queries with."""
     out, h = {}, ctx.question_embs[None]
-    pos = question_positions(backbone, ctx.prefix_len, h.shape[1])
+    pos = question_positions(backbone, ctx.prefix_len, h.shape[1], times=times)
     for l in range(max(layers) + 1):
         if l in layers:
             out[l] = h
@@ -336,13 +337,16 @@ def question_hidden(backbone, ctx: QuestionContext, layers: tuple[int, ...]) -> 
 @torch.inference_mode()
 def question_queries(backbone, question: str | QuestionContext, layer: int) -> Tensor:
     """Pre-RoPE queries [R, heads, head_dim] of the user's words at `layer`, from
-    [prefix | question] with no video: what `model.retrieval.pooled_query_vector` pools to match
-    the frame vectors of a library search."""
+    [prefix | question] with no video (no frame units: for a backbone whose video
+    carries text, the question right after the prefix): what
+    `model.retrieval.pooled_query_vector` pools to match the frame vectors of a library
+    search. Normed per head where the model norms them (Qwen3), as the cached keys are."""
     ctx = question if isinstance(question, QuestionContext) else QuestionContext.build(backbone, question)
-    h = question_hidden(backbone, ctx, (layer,))[layer][0, ctx.user_rows]
+    h = question_hidden(backbone, ctx, (layer,), times=np.zeros(0))[layer][0, ctx.user_rows]
     attn = backbone.decoder.layers[layer].self_attn
     x = backbone.decoder.layers[layer].input_layernorm(h)
-    return attn.q_proj(x).view(len(h), -1, attn.head_dim)
+    q = attn.q_proj(x).view(len(h), -1, attn.head_dim)
+    return attn.q_norm(q) if hasattr(attn, "q_norm") else q
 
 
 def fast_batch_scores(backbone, ctx: QuestionContext, stored: list[dict[int, Tensor]], frames: list[int],

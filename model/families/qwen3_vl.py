@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.backbone import Backbone, remote_code_refused, use_processor_template
+from model.backbone import TemplatedBackbone, remote_code_refused, use_processor_template
 from model.families.qwen2_5_vl import TubeletPreprocess, video_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) for one tubelet under the pixel limits
@@ -74,7 +74,7 @@ def preprocess_from_pretrained(path: str) -> TubeletPreprocess:
                              std=tuple(raw.get("image_std", IMAGENET_STANDARD_STD)))
 
 
-class Qwen3VLBackbone(Backbone):
+class Qwen3VLBackbone(TemplatedBackbone):
     """Qwen3-VL's vision tower (merger + DeepStack mergers) and its Qwen3 decoder
     (q/k norms, interleaved M-RoPE)."""
 
@@ -101,7 +101,7 @@ class Qwen3VLBackbone(Backbone):
         gh, gw = preprocess.grid
         self.merged_grid = (gh // vc.spatial_merge_size, gw // vc.spatial_merge_size)
         self.n_vis = self.merged_grid[0] * self.merged_grid[1]
-        self.lead = len(self._lead_ids(MAX_SECONDS))
+        self.lead = len(self._timestamp_ids(MAX_SECONDS))
         self.unit_text = (self.lead, 1)
         self.n0 = self.lead + self.n_vis + 1
         self.image_size = preprocess.size
@@ -112,10 +112,7 @@ class Qwen3VLBackbone(Backbone):
             0, torch.tensor([1, gh, gw]), 1, vc.spatial_merge_size).T.contiguous()
         self._prefix, self._before, self._after = video_template(tokenizer, model_id)
 
-    def _ids(self, text: str) -> Tensor:
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    def _lead_ids(self, seconds: float) -> Tensor:
+    def _timestamp_ids(self, seconds: float) -> Tensor:
         """A tubelet's text before its video tokens: `<t.t seconds><|vision_start|>`."""
         if not 0 <= seconds <= MAX_SECONDS:
             raise ValueError(f"frame time {seconds} s outside 0..{MAX_SECONDS} s, the timestamps a Qwen3-VL "
@@ -134,7 +131,7 @@ class Qwen3VLBackbone(Backbone):
     def unit_ids(self, seconds: float) -> Tensor:
         """Token ids of one frame unit's n0 slots [n0]: padding (the pad token), timestamp text,
         vision_start, video pads, vision_end."""
-        lead = self._lead_ids(seconds)
+        lead = self._timestamp_ids(seconds)
         pad = torch.full((self.lead - len(lead),), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         return torch.cat([pad, lead, torch.full((self.n_vis,), self.video_token_id), torch.tensor([self.vision_end_id])])
 
@@ -142,7 +139,7 @@ class Qwen3VLBackbone(Backbone):
         """Unit times [T] -> [T, n0] bool: False on the lead padding slots."""
         valid = torch.ones(len(times), self.n0, dtype=torch.bool)
         for i, t in enumerate(torch.as_tensor(times, dtype=torch.float64).tolist()):
-            valid[i, : self.lead - len(self._lead_ids(t))] = False
+            valid[i, : self.lead - len(self._timestamp_ids(t))] = False
         return valid
 
     def embed_frames(self, frames, times, duration: float) -> Tensor:
@@ -181,7 +178,7 @@ class Qwen3VLBackbone(Backbone):
         ids = torch.zeros(len(times), self.n0, 3, dtype=torch.long)
         c = 0
         for i, t in enumerate(torch.as_tensor(times, dtype=torch.float64).tolist()):
-            n = len(self._lead_ids(t))
+            n = len(self._timestamp_ids(t))
             ids[i, self.lead - n : self.lead] = torch.arange(c, c + n)[:, None]
             c += n
             ids[i, self.lead : self.lead + self.n_vis] = c + self._grid_ids
@@ -196,18 +193,7 @@ class Qwen3VLBackbone(Backbone):
                              "so its position needs the frames' times (`fast` scoring places the question "
                              "without a video: use `exact`)")
         times = torch.as_tensor(times, dtype=torch.float64).tolist()
-        return sum(len(self._lead_ids(t)) for t in times) + len(times) * (max(self.merged_grid) + 1)
-
-    def prefix_ids(self) -> Tensor:
-        return self._ids(self._prefix)
-
-    def question_ids(self, question: str) -> tuple[Tensor, Tensor]:
-        """[vision_end + template | words | template]; the mask marks the words."""
-        if not question.strip():
-            raise ValueError("question is empty")
-        parts = [self._ids(self._before), self._ids(question.strip()), self._ids(self._after)]
-        mask = torch.cat([torch.full((len(p),), i == 1, dtype=torch.bool) for i, p in enumerate(parts)])
-        return torch.cat(parts), mask
+        return sum(len(self._timestamp_ids(t)) for t in times) + len(times) * (max(self.merged_grid) + 1)
 
 
 def load(path: str, model_id: str, revision: str, device, dtype, trust_remote_code: bool) -> Qwen3VLBackbone:
