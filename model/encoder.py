@@ -5,8 +5,9 @@
     out[0].blob, out[0].sha256, out[0].header_sha256   # object bytes, its catalog digests
     out[0].frame_vectors                               # [F, d]
 
-All windows of one call are prefilled in one LP-Comp batch (segment-local, so the
-result does not depend on the batching).
+All windows of one call are prefilled in one batch (segment-local, so the result does
+not depend on the batching), by LP-Comp or, with `IndexConfig.compression.compression
+== "vst"`, by VST (model/vst.py: the backbone needs its summarization parameters).
 
 Frame vectors (library search, docs/METHOD.md, 'Frame vectors'): the pre-RoPE keys of one fast layer
 (`frame_vector_layer`, the middle fast layer, so the question side knows it from the
@@ -31,6 +32,7 @@ from model.backbone import load_backbone
 from model.config import IndexConfig, fingerprint
 from model.kvcache import header_digest, sha256_hex, write_window
 from model.lpcomp import prefill_windows
+from model.vst import summary_params
 
 
 @dataclass
@@ -85,6 +87,8 @@ class WindowEncoder:
         self.backbone = load_backbone(model, device=device, trust_remote_code=trust_remote_code)
         self.cfg = cfg
         bb = self.backbone
+        if cfg.compression.compression == "vst":
+            summary_params(bb)  # refuse a checkpoint without them now, before any video is decoded
         self.image_size = bb.image_size
         self.fast_layers = cfg.resolved_fast_layers(bb.num_layers)
         self.vector_layer = frame_vector_layer(self.fast_layers)
@@ -109,7 +113,7 @@ class WindowEncoder:
             for w, emb, kv in zip(windows, embs, kvs):
                 times = np.asarray(w.times, dtype=np.float64)
                 blob = write_window(kv, emb, times, w.duration, model_fp=self.fingerprint, revision=self.backbone.revision,
-                                    fast_layers=self.fast_layers, policy=self.cfg.compression.policy,
+                                    fast_layers=self.fast_layers, policy=self.cfg.compression.stored_policy,
                                     quant=self.cfg.quant)
                 out.append(EncodedWindow(index=w.index, blob=blob, sha256=sha256_hex(blob),
                                          header_sha256=header_digest(blob), times=times,

@@ -27,6 +27,13 @@ needle), or a sparse time-ordered selection that includes the needle (what a top
 answer sees). The auxiliary heads are not saved; the checkpoint is the backbone's own
 format plus a "trained" record in config.json. `--freeze-vision` (real checkpoints,
 GPU) freezes the vision tower and tunes projector + LLM.
+
+`--compression vst --init model/checkpoints/tiny` tunes only VST's summarization
+parameters (model/vst.py: embedding and per-layer q/k/v/o, initialised from the LM's
+unless the checkpoint has them) with the same losses and curriculum, through the same
+forward with VST active (`lp_forward` dispatches), a ratio drawn from `--vst-ratios` for
+every step; everything else stays frozen. The result is a tiny-vst checkpoint: the
+tiny weights unchanged plus `vst.*` tensors.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import shlex
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import CompressionConfig, IndexConfig
+from model.config import VST_RATIOS, CompressionConfig, IndexConfig
 from model.lpcomp import lp_forward
 from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, event_when, make_question, make_video
+from model.vst import VSTParams
 
 MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
 EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
@@ -356,6 +364,19 @@ def vision_tower(backbone) -> nn.Module:
     return backbone.vlm.model.vision_tower
 
 
+def prepare_vst(backbone) -> None:
+    """VST tuning: give the backbone summarization parameters (initialised from its own
+    LM, unless its checkpoint has them) and freeze everything else."""
+    if not hasattr(backbone, "save"):
+        raise ValueError(f"{backbone.model_id}: VST parameters are saved only with tiny checkpoints (model/tiny.py)")
+    if getattr(backbone, "vst", None) is None:
+        backbone.vst = VSTParams(backbone.decoder, backbone.tokenizer.eos_token_id).to(backbone.device)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for p in backbone.vst.parameters():
+        p.requires_grad_(True)
+
+
 def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
     """A fresh tiny model (random init from TinyConfig + overrides) or a checkpoint to continue from."""
     from model.tiny import TinyConfig, TinyVLM, build_tokenizer
@@ -425,6 +446,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help='TinyConfig overrides for a random init, JSON, e.g. \'{"hidden_size": 64}\'')
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--no-lpcomp", action="store_true", help="train without compression (comparison)")
+    ap.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
+                    help="vst: tune only the VST summarization parameters of the --init checkpoint")
+    ap.add_argument("--vst-ratios", type=int, nargs="+", default=[2, 4, 8, 16],
+                    help="VST ratios, one drawn per step (held-out accuracy is measured at the largest)")
     ap.add_argument("--w-attr", type=float, default=0.5, help="weight of the attribute loss")
     ap.add_argument("--w-vision", type=float, default=0.5, help="weight of the attribute loss on the projector output")
     ap.add_argument("--w-focus", type=float, default=1.0, help="weight of the focus-word readout loss")
@@ -443,6 +468,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--start-fraction must be in [0, 1), got {args.start_fraction}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    if args.compression == "vst":
+        if args.init is None:
+            ap.error("--compression vst tunes the summarization parameters of a trained model: give --init")
+        if args.no_lpcomp:
+            ap.error("--no-lpcomp is an LP-Comp option; --compression vst does not use it")
+        bad = [r for r in args.vst_ratios if r not in VST_RATIOS or r == 1]
+        if bad:
+            ap.error(f"--vst-ratios {bad}: choose among {VST_RATIOS[1:]} (ratio 1 has no summarization tokens)")
     return args
 
 
@@ -461,7 +494,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.freeze_vision:
         for p in vision_tower(backbone).parameters():
             p.requires_grad_(False)
-    comp = CompressionConfig(enabled=not args.no_lpcomp)
+    if args.compression == "vst":
+        try:
+            prepare_vst(backbone)
+        except ValueError as e:
+            raise SystemExit(f"--compression vst: {e}") from None
+        comp = CompressionConfig(compression="vst", vst_ratio=max(args.vst_ratios))  # the held-out evaluation's
+    else:
+        comp = CompressionConfig(enabled=not args.no_lpcomp)
+    ratios = np.random.default_rng([args.seed, 1])  # VST: the ratio of each step
     score_layers = IndexConfig().resolved_score_layers(backbone.num_layers)
     heads = AttributeHeads(backbone).to(backbone.device)
     params = [p for p in list(backbone.parameters()) + list(heads.parameters()) if p.requires_grad]
@@ -475,7 +516,9 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Progress(args.steps, args.minutes, args.start_fraction)
 
     def record(step: int) -> dict:
-        return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
+        vst = {"compression": "vst", "vst_ratios": args.vst_ratios} if comp.compression == "vst" else {}
+        return {"steps": step, "seed": args.seed, "lpcomp": comp.compression == "lpcomp" and comp.enabled, **vst,
+                "command": command,
                 "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,
                 "minutes": round(clock.elapsed() / 60, 1), "init": init_record}
 
@@ -496,7 +539,9 @@ def main(argv: list[str] | None = None) -> dict:
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(frac, step)
             batch = collate(backbone, clips)
-            parts = losses(backbone, heads, batch, comp, score_layers)
+            step_comp = comp if comp.compression == "lpcomp" else replace(
+                comp, vst_ratio=int(ratios.choice(args.vst_ratios)))
+            parts = losses(backbone, heads, batch, step_comp, score_layers)
             loss = objective(parts, args.w_attr, args.w_vision, args.w_focus, args.w_relevance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
