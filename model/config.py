@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 FORMAT_VERSION = 4  # 2: objects record the model revision that wrote them; 3: and the LP-Comp keep policy;
 # 4: each frame's tensors contiguous, frames in time order (one range read per run of frames)
 KEEP_POLICIES = ("suffix", "uniform", "keynorm")
+COMPRESSIONS = ("lpcomp", "vst")
+VST_RATIOS = (1, 2, 4, 8, 16)  # raw tokens per summarization token (model/vst.py)
 
 
 def lp_schedule(num_layers: int, n0: int) -> list[int]:
@@ -57,17 +59,35 @@ def default_fast_layers(score_layers: tuple[int, ...], count: int | None = None)
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """LP-Comp: which tokens of each frame survive into each layer."""
+    """How a frame's tokens become its cached KV: LP-Comp (which tokens survive into each
+    layer) or VST (n0 / vst_ratio summarization tokens a frame, model/vst.py)."""
 
-    enabled: bool = True
-    policy: str = "suffix"  # suffix (paper) | uniform | keynorm (QuickPrefill) - ablations
+    enabled: bool = True  # LP-Comp on; False stores every token (`--no-lpcomp`)
+    policy: str = "suffix"  # LP-Comp keep policy: suffix (paper) | uniform | keynorm (QuickPrefill) - ablations
+    compression: str = "lpcomp"  # lpcomp | vst
+    vst_ratio: int = 16  # VST only: raw tokens per summarization token
 
     def __post_init__(self) -> None:
         if self.policy not in KEEP_POLICIES:
             raise ValueError(f"unknown keep policy {self.policy!r}; choose one of {KEEP_POLICIES}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {self.compression!r}; choose one of {COMPRESSIONS}")
+        if self.vst_ratio not in VST_RATIOS:
+            raise ValueError(f"vst_ratio must be one of {VST_RATIOS}, got {self.vst_ratio!r}")
+        if self.compression == "vst" and not self.enabled:
+            raise ValueError("enabled=False turns LP-Comp off; with compression 'vst' keep every token by vst_ratio=1")
 
     def tokens_per_layer(self, num_layers: int, n0: int) -> list[int]:
+        if self.compression == "vst":
+            if n0 % self.vst_ratio:
+                raise ValueError(f"vst_ratio {self.vst_ratio} does not divide the model's {n0} tokens per frame")
+            return [n0 // self.vst_ratio] * num_layers
         return lp_schedule(num_layers, n0) if self.enabled else [n0] * num_layers
+
+    @property
+    def stored_policy(self) -> str:
+        """What the window object records as the policy that chose its tokens."""
+        return f"vst{self.vst_ratio}" if self.compression == "vst" else self.policy
 
 
 @dataclass(frozen=True)
@@ -131,4 +151,7 @@ def fingerprint(model_id: str, revision: str, dtype: str, num_layers: int, n0: i
         "quant": cfg.quant,
         "format_version": FORMAT_VERSION,
     }
+    if cfg.compression.compression != "lpcomp":  # only then: LP-Comp indexes keep their fingerprints
+        ident["compression"] = cfg.compression.compression
+        ident["vst_ratio"] = cfg.compression.vst_ratio
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,10 +5,11 @@
     out[0].blob, out[0].sha256, out[0].header_sha256   # object bytes, its catalog digests
     out[0].frame_vectors                               # [F, d]
 
-All windows of one call are prefilled in one LP-Comp batch (segment-local, so the
-result does not depend on the batching). A window object holds the backbone's frame
-units: frames, or Qwen2.5-VL's two-frame tubelets (`Backbone.frame_unit`), each stored
-at its first frame's time.
+All windows of one call are prefilled in one batch (segment-local, so the result does
+not depend on the batching), by LP-Comp or, with `IndexConfig.compression.compression
+== "vst"`, by VST (model/vst.py: the backbone needs its summarization parameters). A
+window object holds the backbone's frame units: frames, or the Qwen families' two-frame
+tubelets (`Backbone.frame_unit`).
 
 Frame vectors (library search): model/retrieval.py `frame_vectors`, from the frames'
 embeddings through the checkpoint's trained retrieval head, else from the pooled
@@ -29,6 +30,7 @@ from model.kvcache import header_digest, sha256_hex, write_window
 from model.lpcomp import prefill_windows
 from model.positions import POSITIONAL_POLICIES
 from model.retrieval import frame_vectors
+from model.vst import summary_params
 
 
 @dataclass
@@ -57,6 +59,11 @@ class WindowEncoder:
         self.backbone = load_backbone(model, device=device, trust_remote_code=trust_remote_code)
         self.cfg = cfg
         bb = self.backbone
+        if cfg.compression.compression == "vst":
+            if bb.rope_3d:
+                raise ValueError(f"model {bb.model_id}: VST renumbers summaries on 1-D positions; it is not "
+                                 "implemented for M-RoPE (t, h, w) backbones: index it with LP-Comp")
+            summary_params(bb)  # refuse a checkpoint without them now, before any video is decoded
         self.image_size = bb.image_size
         self.fast_layers = cfg.resolved_fast_layers(bb.num_layers)
         dtype = str(bb.dtype).removeprefix("torch.")
@@ -88,7 +95,7 @@ class WindowEncoder:
             out = []
             for times, w, emb, kv in zip(unit_times, windows, embs, kvs):
                 blob = write_window(kv, emb, times, w.duration, model_fp=self.fingerprint, revision=self.backbone.revision,
-                                    fast_layers=self.fast_layers, policy=self.cfg.compression.policy,
+                                    fast_layers=self.fast_layers, policy=self.cfg.compression.stored_policy,
                                     quant=self.cfg.quant)
                 out.append(EncodedWindow(index=w.index, blob=blob, sha256=sha256_hex(blob),
                                          header_sha256=header_digest(blob), times=times,

@@ -114,7 +114,15 @@ def lp_forward(
     keep_past: return every layer's rotated K/V in `past` (to continue decoding); the
     ingest prefill turns it off so it does not hold a second copy of the window's KV.
     frame_times [B, F] seconds: the frames' times, which a `rope_3d` backbone's positions need.
+    comp.compression "vst" runs model/vst.py's `vst_forward` instead (same outputs, a
+    frame's tokens being its n0 / r summaries).
     """
+    if comp.compression == "vst":
+        from model.vst import vst_forward  # model.vst imports this module's dataclasses
+
+        return vst_forward(backbone, frames, comp.vst_ratio, prefix=prefix, suffix=suffix, frame_valid=frame_valid,
+                           suffix_valid=suffix_valid, prob_rows=prob_rows, prob_layers=prob_layers,
+                           record_frames=record_frames, logits=logits, keep_past=keep_past)
     dec = backbone.decoder
     num_layers = len(dec.layers)
     d, ds = dec.config.hidden_size, backbone.deepstack_layers
@@ -222,8 +230,13 @@ def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig,
 
     frame_embs[i]: [F_i, n0, D]; times[i]: [F_i] seconds (needed by `rope_3d` backbones).
     Windows of different lengths are padded and masked. The prefix's own KV is not
-    returned (it is recomputed at question time).
+    returned (it is recomputed at question time). comp.compression "vst" runs
+    model/vst.py's prefill instead (same WindowKV, one frame = one interval).
     """
+    if comp.compression == "vst":
+        from model.vst import vst_prefill_windows  # model.vst imports WindowKV from here
+
+        return vst_prefill_windows(backbone, frame_embs, comp.vst_ratio)
     if not frame_embs:
         raise ValueError("prefill_windows needs at least one window")
     for i, e in enumerate(frame_embs):

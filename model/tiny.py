@@ -16,6 +16,11 @@ Prompt: prefix "<bos> <video>", frames, question "<user> {words} <assistant>".
     python -m model.tiny init model/checkpoints/tiny --seed 0    # random-init checkpoint
     bb = TinyVLM.load("model/checkpoints/tiny")                   # or load_backbone("tiny")
     bb.save(dir)                                                 # config.json, model.safetensors, tokenizer.json
+
+VST (model/vst.py): a checkpoint whose model.safetensors also holds `vst.*` tensors
+(the summarization embedding and per-layer q/k/v/o projections, written by `save`
+when `bb.vst` is set) loads them into `bb.vst`; one without them has `bb.vst = None`
+and refuses VST prefill, naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
 from model.backbone import Backbone
+from model.vst import VSTParams
 
 VOCAB_FILE = Path(__file__).parent / "tiny_vocab.txt"
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<video>", "<user>", "<assistant>", "<end>"]
@@ -127,6 +133,7 @@ class TinyVLM(Backbone):
         self.time_proj = nn.Linear(4 * cfg.time_freqs, cfg.hidden_size)
         self.decoder = Qwen2Model(cfg.qwen2())
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.vst: VSTParams | None = None  # VST summarization weights, if the checkpoint has them
 
     def embed_frames(self, frames, times, duration) -> Tensor:
         """frames uint8 [F, 32, 32, 3], times [F] s, duration s (or [F]) -> [F, n0, D].
@@ -184,6 +191,8 @@ class TinyVLM(Backbone):
         tokenizer = wrap_tokenizer(Tokenizer.from_file(str(path / "tokenizer.json")))
         model = cls(cfg, tokenizer, model_id=model_id, revision=revision)
         state = load_file(str(path / "model.safetensors"))
+        if any(k.startswith("vst.") for k in state):  # a tiny-vst checkpoint: summarization weights too
+            model.vst = VSTParams(model.decoder, tokenizer.eos_token_id)
         missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit this version of the tiny model (missing "

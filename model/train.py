@@ -42,12 +42,18 @@ freezes the vision encoder (`frozen_vision`) and tunes projector + LLM. The resu
 written by transformers' save_pretrained, with the processor files (chat template,
 video processor config) copied from the source, so `load_backbone(out)` runs it as it
 ran the source. Weights train in fp32 (a 7B model needs a large GPU).
+
+`--compression vst --init model/checkpoints/tiny` tunes only VST's summarization
+parameters (model/vst.py: embedding and per-layer q/k/v/o, initialised from the LM's
+unless the checkpoint has them) with the same losses and curriculum, through the same
+forward with VST active (`lp_forward` dispatches), a ratio drawn from `--vst-ratios` for
+every step; everything else stays frozen. The result is a tiny-vst checkpoint: the
+tiny weights unchanged plus `vst.*` tensors.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -57,7 +63,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +71,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import CompressionConfig, IndexConfig
+from model.config import VST_RATIOS, CompressionConfig, IndexConfig
 from model.lpcomp import lp_forward
 from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, event_when, make_question, make_video
+from model.vst import VSTParams
 
 MAX_DURATION = 4096  # longest video (frames at 1 fps) a training view is drawn from
 EVAL_SEED_BASE = 3_000_000_000  # held-out videos: seeds at or above this are never trained on
@@ -424,6 +431,19 @@ def frozen_vision(backbone) -> list[nn.Parameter]:
     raise ValueError(f"{backbone.model_id}: no known vision tower to freeze in {type(backbone.vlm).__name__}")
 
 
+def prepare_vst(backbone) -> None:
+    """VST tuning: give the backbone summarization parameters (initialised from its own
+    LM, unless its checkpoint has them) and freeze everything else."""
+    if not hasattr(backbone, "save"):
+        raise ValueError(f"{backbone.model_id}: VST parameters are saved only with tiny checkpoints (model/tiny.py)")
+    if getattr(backbone, "vst", None) is None:
+        backbone.vst = VSTParams(backbone.decoder, backbone.tokenizer.eos_token_id).to(backbone.device)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    for p in backbone.vst.parameters():
+        p.requires_grad_(True)
+
+
 def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
     """A fresh tiny model (random init from TinyConfig + overrides) or a checkpoint to continue from."""
     from model.tiny import TinyConfig, TinyVLM, build_tokenizer
@@ -516,6 +536,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="weight of the attribute loss on the projector output (default 0.5 for tiny, 0 for others)")
     ap.add_argument("--w-focus", type=float, default=None,
                     help="weight of the focus-word readout loss (default 1 for tiny, 0 for other families)")
+    ap.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
+                    help="vst: tune only the VST summarization parameters of the --init checkpoint")
+    ap.add_argument("--vst-ratios", type=int, nargs="+", default=[2, 4, 8, 16],
+                    help="VST ratios, one drawn per step (held-out accuracy is measured at the largest)")
     ap.add_argument("--w-relevance", type=float, default=1.0, help="weight of the relevance loss")
     ap.add_argument("--freeze-vision", action="store_true", help="real checkpoints: tune projector + LLM only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
@@ -534,6 +558,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("warmup", "batch", "max_frames"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.compression == "vst":
+        if args.init is None:
+            ap.error("--compression vst tunes the summarization parameters of a trained model: give --init")
+        if args.no_lpcomp:
+            ap.error("--no-lpcomp is an LP-Comp option; --compression vst does not use it")
+        bad = [r for r in args.vst_ratios if r not in VST_RATIOS or r == 1]
+        if bad:
+            ap.error(f"--vst-ratios {bad}: choose among {VST_RATIOS[1:]} (ratio 1 has no summarization tokens)")
     return args
 
 
@@ -558,7 +590,7 @@ def fit_phase(phase: Phase, batch: int | None, max_frames: int | None) -> Phase:
     lo, hi = phase.frames
     if max_frames is not None:
         lo, hi = min(lo, max_frames), min(hi, max_frames)
-    return dataclasses.replace(phase, frames=(lo, hi), batch=batch or phase.batch)
+    return replace(phase, frames=(lo, hi), batch=batch or phase.batch)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -577,7 +609,15 @@ def main(argv: list[str] | None = None) -> dict:
         for p in frozen_vision(backbone):
             p.requires_grad_(False)
     w_attr, w_vision, w_focus = head_weights(args, backbone)
-    comp = CompressionConfig(enabled=not args.no_lpcomp)
+    if args.compression == "vst":
+        try:
+            prepare_vst(backbone)
+        except ValueError as e:
+            raise SystemExit(f"--compression vst: {e}") from None
+        comp = CompressionConfig(compression="vst", vst_ratio=max(args.vst_ratios))  # the held-out evaluation's
+    else:
+        comp = CompressionConfig(enabled=not args.no_lpcomp)
+    ratios = np.random.default_rng([args.seed, 1])  # VST: the ratio of each step
     score_layers = IndexConfig().resolved_score_layers(backbone.num_layers)
     heads = AttributeHeads(backbone).to(backbone.device)
     params = [p for p in list(backbone.parameters()) + list(heads.parameters()) if p.requires_grad]
@@ -591,7 +631,9 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Progress(args.steps, args.minutes, args.start_fraction)
 
     def record(step: int) -> dict:
-        return {"steps": step, "seed": args.seed, "lpcomp": comp.enabled, "command": command,
+        vst = {"compression": "vst", "vst_ratios": args.vst_ratios} if comp.compression == "vst" else {}
+        return {"steps": step, "seed": args.seed, "lpcomp": comp.compression == "lpcomp" and comp.enabled, **vst,
+                "command": command,
                 "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,
                 "minutes": round(clock.elapsed() / 60, 1), "init": init_record, "model": args.init,
                 "loss_weights": {"answer": 1.0, "attr": w_attr, "vision": w_vision, "focus": w_focus,
@@ -614,7 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(frac, step, args.warmup)
             batch = collate(backbone, clips)
-            parts = losses(backbone, heads, batch, comp, score_layers)
+            step_comp = comp if comp.compression == "lpcomp" else replace(
+                comp, vst_ratio=int(ratios.choice(args.vst_ratios)))
+            parts = losses(backbone, heads, batch, step_comp, score_layers)
             loss = objective(parts, w_attr, w_vision, w_focus, args.w_relevance)
             opt.zero_grad(set_to_none=True)
             loss.backward()
