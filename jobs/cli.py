@@ -86,6 +86,11 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
                    help="let the model checkpoint run Python code it ships (auto_map); only for code you have read")
     p.add_argument("--no-lpcomp", action="store_true",
                    help="keep every token of every layer (for a model trained without LP-Comp)")
+    p.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
+                   help="lpcomp (default) or vst: Video-XL's summarization tokens, for a model trained "
+                        "with them (--model tiny-vst)")
+    p.add_argument("--vst-ratio", type=int, choices=(1, 2, 4, 8, 16), default=16,
+                   help="vst: raw tokens per summarization token (default 16: one summary a tiny frame)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://host:port); default: start a local Ray")
     p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
@@ -116,8 +121,9 @@ def ingest_config(args: argparse.Namespace):
     from model.config import CompressionConfig, IndexConfig, SamplingConfig
     from pipeline.ingest import IngestConfig
 
+    comp = CompressionConfig(enabled=not args.no_lpcomp, compression=args.compression, vst_ratio=args.vst_ratio)
     index_cfg = IndexConfig(sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames),
-                            window=args.window, compression=CompressionConfig(enabled=not args.no_lpcomp),
+                            window=args.window, compression=comp,
                             quant=args.quant)
     return IngestConfig(source=args.source, index=args.index, model=args.model, index_cfg=index_cfg,
                         address=args.address, num_cpus=args.num_cpus, encode_actors=args.encode_actors,

@@ -79,12 +79,17 @@ def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScore
 
 
 def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig | None) -> CompressionConfig:
-    """The compression the objects were written with (on/off from their schedule, and their
-    keep policy), or `comp` checked against it."""
+    """The compression the objects were written with (VST and its ratio from their policy
+    "vst<r>"; else LP-Comp on/off from their schedule, and their keep policy), or `comp`
+    checked against it."""
     flat = [backbone.n0] * backbone.num_layers
-    comp = comp or CompressionConfig(enabled=reader.meta.schedule != flat, policy=reader.meta.policy)
+    policy = reader.meta.policy
+    if comp is None:
+        comp = (CompressionConfig(compression="vst", vst_ratio=int(policy.removeprefix("vst")))
+                if policy.startswith("vst") else CompressionConfig(enabled=reader.meta.schedule != flat, policy=policy))
     want = unit_schedule(comp, backbone.num_layers, backbone.n0, backbone.unit_text)
-    if want != reader.meta.schedule or (comp.enabled and comp.policy != reader.meta.policy):
+    chose = comp.enabled or comp.compression == "vst"  # the policy matters only where tokens were chosen
+    if want != reader.meta.schedule or (chose and comp.stored_policy != policy):
         raise ValueError(f"compression {comp} gives schedule {want}, but {reader.name} was written with "
                          f"{reader.meta.schedule}, policy {reader.meta.policy}")
     return comp

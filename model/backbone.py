@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from model.retrieval import attach_head, load_head
 
 TINY_DIR = Path(__file__).parent / "checkpoints" / "tiny"
+SHIPPED = {"tiny": TINY_DIR, "tiny-vst": TINY_DIR.with_name("tiny-vst")}  # names of the shipped checkpoints
 VIDEO_MARK, QUESTION_MARK = "\x00VIDEO\x00", "\x00QUESTION\x00"
 
 
@@ -302,24 +303,26 @@ def _family(model_type: str | None, spec: str) -> Callable[..., Backbone]:
 
 
 def load_backbone(spec: str, device=None, dtype=None, trust_remote_code: bool = False) -> Backbone:
-    """"tiny", a local checkpoint directory, or a hub id -> Backbone on device, eval mode.
+    """A shipped checkpoint ("tiny", "tiny-vst"), a local checkpoint directory, or a hub id
+    -> Backbone on device, eval mode.
 
     trust_remote_code: run Python code the checkpoint ships; only from the user's flag.
     """
     device, dtype = pick_device_dtype(device, dtype)
-    path = TINY_DIR if spec == "tiny" else Path(spec)
+    path = SHIPPED.get(spec, Path(spec))
     if path.is_dir():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"model directory {path} has no config.json")
         config = json.loads(cfg_file.read_text())
         load = _family("tiny" if config.get("family") == "tiny" else config.get("model_type"), str(path))
-        model_id = "framekv/tiny" if spec == "tiny" else str(path.resolve())
+        model_id = f"framekv/{spec}" if spec in SHIPPED else str(path.resolve())
         bb = load(str(path), model_id, dir_revision(path), device, dtype, trust_remote_code)
         attach_head(bb, load_head(path, bb.decoder.config.hidden_size))
         return bb
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ValueError(f"model {spec!r} is neither 'tiny', an existing directory, nor a hub id (org/name)")
+        raise ValueError(f"model {spec!r} is neither a shipped model ({', '.join(SHIPPED)}), an existing directory, "
+                         "nor a hub id (org/name)")
     from transformers import AutoConfig
 
     with remote_code_refused(spec, trust_remote_code):  # needs a reachable hub (or its local cache)

@@ -103,6 +103,8 @@ class NightlyConfig(_Section):
     endpoint_url: str | None = None  # S3-compatible endpoint (else boto3's own resolution)
     model: str = "tiny"
     lpcomp: bool = True
+    compression: Literal["lpcomp", "vst"] = "lpcomp"
+    vst_ratio: Literal[1, 2, 4, 8, 16] = 16
     trust_remote_code: bool = False
     sampling: Sampling = Sampling()
     window: int = Field(64, ge=1)
@@ -138,8 +140,9 @@ class NightlyConfig(_Section):
 
     def index_config(self) -> IndexConfig:
         s = self.sampling
+        comp = CompressionConfig(enabled=self.lpcomp, compression=self.compression, vst_ratio=self.vst_ratio)
         return IndexConfig(sampling=SamplingConfig(fps=s.fps, max_frames=s.max_frames, seek_mode=s.seek_mode),
-                           window=self.window, compression=CompressionConfig(enabled=self.lpcomp), quant=self.quant)
+                           window=self.window, compression=comp, quant=self.quant)
 
     def ingest_config(self, source: str, budget: int | None, progress: bool = True) -> IngestConfig:
         return IngestConfig(

@@ -313,7 +313,8 @@ _clients_lock = threading.Lock()
 
 
 def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client for this process: standard credential chain, adaptive retries.
+    """A boto3 S3 client for this process: standard credential chain, adaptive retries
+    (S3_MAX_ATTEMPTS tries; boto3's own AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override them).
 
     `endpoint_url=None` lets boto3 resolve it (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / config).
     Cached per process and endpoint: boto3 clients are thread-safe but must not cross a fork.
@@ -326,7 +327,9 @@ def s3_client(endpoint_url: str | None = None):
     with _clients_lock:
         client = _clients.get(cache_key)
         if client is None:
-            config = Config(retries={"mode": "adaptive", "total_max_attempts": 10},
+            retries = {"mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
+                       "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS))}
+            config = Config(retries=retries,
                             connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT,
                             max_pool_connections=S3_MAX_CONNECTIONS)
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
@@ -354,6 +357,7 @@ def s3_error_reason(err: Exception) -> tuple[str, str]:
 
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 BODY_ATTEMPTS = 3  # reads of a response body cut off mid-stream
+S3_MAX_ATTEMPTS = 10  # botocore tries per request (its adaptive mode backs off up to 20 s between them)
 S3_CONNECT_TIMEOUT = 5.0  # seconds; botocore's default (60 s) would hold a task a minute per stalled attempt
 S3_READ_TIMEOUT = 10.0  # seconds per socket read (not per transfer): a stalled answer is retried
 S3_MAX_CONNECTIONS = 32  # botocore keeps 10; pipeline/query.py reads ranges with 16 threads

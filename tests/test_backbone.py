@@ -106,7 +106,7 @@ def test_load_backbone_bad_specs_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="unsupported model family 'bert'"):
         load_backbone(str(tmp_path))
-    with pytest.raises(ValueError, match="neither 'tiny', an existing directory, nor a hub id"):
+    with pytest.raises(ValueError, match="neither a shipped model \(tiny, tiny-vst\), an existing directory, nor a hub id"):
         load_backbone(str(tmp_path / "missing"))
 
 

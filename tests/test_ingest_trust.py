@@ -26,6 +26,20 @@ from tests.videos import ffmpeg, make_text_file, make_video
 
 INDEX_CFG = IndexConfig(sampling=SamplingConfig(fps=2.0), window=4)
 FLAGS = ["--fps", "2", "--window", "4", "--no-progress"]
+S3_ATTEMPTS = "3"  # botocore tries per request here: a fault that never ends fails in seconds, not a minute
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _few_s3_attempts():
+    """AWS_MAX_ATTEMPTS (boto3's own knob, which framekv's clients honour) for this module,
+    set before its local Ray starts so the workers inherit it."""
+    old = os.environ.get("AWS_MAX_ATTEMPTS")
+    os.environ["AWS_MAX_ATTEMPTS"] = S3_ATTEMPTS
+    yield
+    if old is None:
+        os.environ.pop("AWS_MAX_ATTEMPTS")
+    else:
+        os.environ["AWS_MAX_ATTEMPTS"] = old
 
 
 def make_raw(path: Path, seconds: float = 2.0, rate: int = 5) -> Path:
