@@ -1,6 +1,7 @@
 """Needle-in-a-haystack benchmark for the tiny model (issue 6).
 
     python -m bench.needle [--quick] [--model tiny] [--threads N]
+    python -m bench.needle --model tiny-vst --compression vst [--vst-ratio 16]   # the VST index
 
 Videos of 256, 1024 and 4096 frames (1 fps) from held-out seeds (model/synth.py);
 each video gets the four question kinds about its needle. Caches are built with
@@ -20,7 +21,10 @@ The LP-Comp-off rows run the same model without compression, or, with `--off-mod
 a model trained without it (`python -m model.train --no-lpcomp`) on its own embeddings
 of the same frames: a model trained with compression never saw uncompressed layers.
 Columns: accuracy, needle recall (a needle frame among those answered over), seconds
-per question. The floor printed for uniform-K is what chance plus its recall predicts:
+per question; per length also the cache's bytes per frame and the ingest seconds per
+frame (building the window objects). `--compression vst` builds the caches with VST
+(model/vst.py) instead and runs every compressed row (uniform, reencode on, full on)
+with it. The floor printed for uniform-K is what chance plus its recall predicts:
 recall * (accuracy with the needle in view) + (1 - recall) * chance.
 """
 
@@ -100,10 +104,13 @@ def correct(text: str, answer: str) -> bool:
 
 
 def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[int, ...], full_max: int,
-               rng: np.random.Generator, off_model=None) -> dict[str, Tally]:
+               rng: np.random.Generator, off_model=None) -> tuple[dict[str, Tally], dict[str, float]]:
+    """The rows' tallies, and the cache's {bytes_per_frame, ingest_s_per_frame}."""
     bb = encoder.backbone
     bb_off = off_model or bb
-    on, off = CompressionConfig(enabled=True), CompressionConfig(enabled=False)
+    on, off = encoder.cfg.compression, CompressionConfig(enabled=False)
+    on_label = "lpcomp-on" if on.compression == "lpcomp" else on.stored_policy  # e.g. vst16
+    cache_bytes = ingest_seconds = 0.0
     tallies: dict[str, Tally] = {}
 
     def tally(name: str) -> Tally:
@@ -112,7 +119,10 @@ def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[in
     videos = -(-questions // len(QUESTION_KINDS))
     for v in range(videos):
         video = make_video(SEED_BASE + frames * 10_000 + v, frames)
+        t0 = time.perf_counter()
         readers, embs = build_cache(encoder, video)
+        ingest_seconds += time.perf_counter() - t0
+        cache_bytes += sum(r.size for r in readers)
         embs_off = embs
         if off_model is not None:
             with torch.inference_mode():
@@ -146,27 +156,31 @@ def run_length(encoder: WindowEncoder, frames: int, questions: int, ks: tuple[in
                         if mode != "exact":
                             continue
                         selected = (picked.times - 0.5).round().astype(int)  # frame i is at t = i + 0.5
-                        for model, c, comp, label in ((bb, ctx, on, "on"), (bb_off, ctx_off, off, "off")):
+                        for model, c, comp, label in ((bb, ctx, on, on_label), (bb_off, ctx_off, off, "lpcomp-off")):
                             t0 = time.perf_counter()
                             selected_embs = (read_selected_embeddings(readers, picked) if model is bb
                                              else embs_off[selected])
                             gen = answer_embeddings(model, c, selected_embs, comp)
-                            tally(f"exact-{k} reencode lpcomp-{label}").add(
+                            tally(f"exact-{k} reencode {label}").add(
                                 kind, correct(gen.text, q.answer), hit, time.perf_counter() - t0 + t_score)
                 if frames <= full_max:
-                    for model, c, e, comp, label in ((bb, ctx, embs, on, "on"), (bb_off, ctx_off, embs_off, off, "off")):
+                    for model, c, e, comp, label in ((bb, ctx, embs, on, on_label),
+                                                     (bb_off, ctx_off, embs_off, off, "lpcomp-off")):
                         t0 = time.perf_counter()
                         gen = answer_embeddings(model, c, e, comp)
-                        tally(f"full lpcomp-{label}").add(kind, correct(gen.text, q.answer), True,
+                        tally(f"full {label}").add(kind, correct(gen.text, q.answer), True,
                                                           time.perf_counter() - t0 + t_ctx)
         print(f"  {frames} frames: video {v + 1}/{videos} done", flush=True)
-    return tallies
+    n = videos * frames
+    return tallies, {"bytes_per_frame": cache_bytes / n, "ingest_s_per_frame": ingest_seconds / n}
 
 
-def markdown(results: dict[int, dict[str, dict]]) -> str:
+def markdown(results: dict[int, dict[str, dict]], caches: dict[int, dict[str, float]]) -> str:
     lines = []
     for frames, rows in results.items():
-        lines += [f"\n{frames} frames ({next(iter(rows.values()))['n']} questions)\n",
+        c = caches[frames]
+        lines += [f"\n{frames} frames ({next(iter(rows.values()))['n']} questions; cache {c['bytes_per_frame'] / 1e3:.1f} KB "
+                  f"a frame, ingest {1e3 * c['ingest_s_per_frame']:.2f} ms a frame)\n",
                   "| method | accuracy | needle recall | s / question | colour / shape / exists / when |",
                   "| --- | --- | --- | --- | --- |"]
         for name, r in rows.items():
@@ -190,8 +204,9 @@ def floors(results: dict[int, dict[str, dict]], ks: tuple[int, ...]) -> list[str
             out.append(f"{frames} frames, K={k}: exact+cached / uniform accuracy = "
                        f"{e['accuracy']:.3f} / {u['accuracy']:.3f} = {ratio}; "
                        f"uniform predicted by chance {chance:.2f} + recall {u['recall']:.3f}: {predicted:.3f}")
-        if "full lpcomp-on" in rows:
-            f, e = rows["full lpcomp-on"], rows[f"exact-{ks[-1]} cached"]
+        full = next((name for name in rows if name.startswith("full ")), None)  # the compressed full row
+        if full is not None:
+            f, e = rows[full], rows[f"exact-{ks[-1]} cached"]
             out.append(f"{frames} frames: full / exact-{ks[-1]}+cached time per question = "
                        f"{f['seconds']:.3f} / {e['seconds']:.3f} s = {f['seconds'] / e['seconds']:.1f}x")
     return out
@@ -234,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ks", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--full-max", type=int, default=256, help="longest video `full` runs on (its attention is quadratic)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
+                    help="how the caches are built (vst: a model with summarization parameters, e.g. tiny-vst)")
+    ap.add_argument("--vst-ratio", type=int, default=16, help="vst: raw tokens per summary")
     ap.add_argument("--out", type=Path, default=DOCS / "needle.png", help="accuracy plot (PNG)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -241,21 +259,24 @@ def main(argv: list[str] | None = None) -> dict:
     if args.questions < 1 or min(args.lengths) < 1 or min(args.ks) < 1:
         ap.error("--questions, --lengths and --ks must be positive")
     torch.set_num_threads(args.threads)
-    encoder = WindowEncoder(args.model, IndexConfig())
+    comp = CompressionConfig(compression=args.compression, vst_ratio=args.vst_ratio)
+    encoder = WindowEncoder(args.model, IndexConfig(compression=comp))
     off_model = load_backbone(args.off_model).eval() if args.off_model else None
     print(f"model {args.model} ({encoder.backbone.revision}), "
           + (f"lpcomp-off rows: {args.off_model} ({off_model.revision}), " if off_model else "")
+          + f"compression {comp.stored_policy if comp.compression == 'vst' else 'lpcomp'}, "
           + f"threads {args.threads}, {args.questions} questions per length", flush=True)
     rng = np.random.default_rng(0)
-    results = {}
+    results, caches = {}, {}
     for frames in args.lengths:
-        tallies = run_length(encoder, frames, args.questions, tuple(args.ks), args.full_max, rng, off_model)
+        tallies, caches[frames] = run_length(encoder, frames, args.questions, tuple(args.ks), args.full_max, rng,
+                                             off_model)
         results[frames] = {name: t.row() for name, t in tallies.items()}
-    print(markdown(results))
+    print(markdown(results, caches))
     for line in floors(results, tuple(args.ks)):
         print(line)
     plot(results, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps({"rows": results, "caches": caches}, indent=1) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
     print("command: python -m bench.needle " + " ".join(argv if argv is not None else sys.argv[1:]))
     return results
