@@ -366,7 +366,8 @@ def losses(backbone, heads: AttributeHeads, batch: Batch, comp: CompressionConfi
 
     v_last = out.frame_values[-1][:, :, -1].flatten(2).float()  # [B, F, kvh * hd], the last kept token
     attr = heads.loss(heads.last(v_last), batch.shape, batch.colour)
-    vision = heads.loss(heads.vision(batch.frames.amax(2).float()), batch.shape, batch.colour)
+    d = backbone.decoder.config.hidden_size  # a DeepStack backbone's maps follow the embeddings
+    vision = heads.loss(heads.vision(batch.frames[..., :d].amax(2).float()), batch.shape, batch.colour)
 
     last = backbone.decoder.layers[-1].input_layernorm(out.suffix_inputs[-1])  # what the answer reads last
     rows = batch.rows[..., None].expand(-1, -1, last.shape[-1])
@@ -419,15 +420,17 @@ def eval_clips(n: int, frames: int, size: tuple[int, int], seed: int = 0) -> lis
 def frozen_vision(backbone) -> list[nn.Parameter]:
     """What `--freeze-vision` freezes: the tiny conv stem, or a real VLM's vision encoder
     without its projector (LLaVA-OneVision: the SigLIP tower, its multi_modal_projector
-    and image_newline stay trained; Qwen2.5-VL: the ViT blocks and patch embedding, its
-    patch merger, the projector, stays trained)."""
+    and image_newline stay trained; Qwen2.5-VL / Qwen3-VL: the ViT blocks and patch (and
+    position) embeddings, its patch mergers, the projectors (Qwen3-VL's DeepStack mergers
+    too), stay trained)."""
     if hasattr(backbone, "stem"):
         return list(backbone.stem.parameters())
     model = backbone.vlm.model
     if hasattr(model, "vision_tower"):
         return list(model.vision_tower.parameters())
     if hasattr(model, "visual") and hasattr(model.visual, "merger"):
-        return [p for name, p in model.visual.named_parameters() if not name.startswith("merger.")]
+        return [p for name, p in model.visual.named_parameters()
+                if not name.startswith(("merger.", "deepstack_merger_list."))]
     raise ValueError(f"{backbone.model_id}: no known vision tower to freeze in {type(backbone.vlm).__name__}")
 
 

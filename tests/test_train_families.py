@@ -1,5 +1,5 @@
 """`python -m model.train --model DIR --freeze-vision` on reduced random checkpoints of the
-real families (tests/llava_tiny.py, tests/qwen2_5_vl_tiny.py): the synthetic needle clips
+real families (tests/llava_tiny.py, tests/qwen2_5_vl_tiny.py, tests/qwen3_vl_tiny.py): the synthetic needle clips
 go through the family's own frame path, prompt and positions, the loss falls, the vision
 encoder stays bit-identical while the projector and LLM move, and the checkpoint written
 loads back through load_backbone with its template and processor files."""
@@ -16,6 +16,7 @@ from model.config import CompressionConfig, IndexConfig
 from model.train import CURRICULUM, AttributeHeads, collate, frozen_vision, losses, main, make_clip
 from tests.llava_tiny import save_tiny_llava
 from tests.qwen2_5_vl_tiny import save_tiny_qwen2_5_vl
+from tests.qwen3_vl_tiny import save_tiny_qwen3_vl
 
 # Key prefixes in the safetensors save_pretrained writes (the checkpoints' own layout):
 # (what --freeze-vision freezes, the projector and the LLM decoder layers it trains)
@@ -24,6 +25,8 @@ FAMILIES = {
                         ("multi_modal_projector.", "language_model.model.layers.")),
     "qwen2_5_vl": (save_tiny_qwen2_5_vl, ("visual.blocks.", "visual.patch_embed."),
                    ("visual.merger.", "model.layers.")),
+    "qwen3_vl": (save_tiny_qwen3_vl, ("model.visual.blocks.", "model.visual.patch_embed.", "model.visual.pos_embed."),
+                 ("model.visual.merger.", "model.visual.deepstack_merger_list.", "model.language_model.layers.")),
 }
 
 
@@ -75,16 +78,18 @@ def test_vision_frozen_llm_trained_and_checkpoint_loads(trained):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_batch_layout(family, tmp_path):
     """collate puts each clip through the family's frame units and prompt: tubelets for
-    Qwen2.5-VL (with their first frame's time), focus rows on the question's own words,
-    and the loss runs through lp_forward with the family's positions."""
+    the Qwen families (at the family's unit times; Qwen3-VL's DeepStack maps behind the
+    embeddings), focus rows on the question's own words, and the loss runs through
+    lp_forward with the family's positions."""
     torch.manual_seed(0)
     bb = load_backbone(str(FAMILIES[family][0](tmp_path / "ck")))
     rng = np.random.default_rng(0)
     clips = [make_clip(CURRICULUM[1], 5, rng, bb.image_size) for _ in range(2)]
     batch = collate(bb, clips)
     units = -(-5 // bb.frame_unit)
-    assert batch.frames.shape == (2, units, bb.n0, bb.decoder.config.hidden_size)
-    assert torch.equal(batch.frame_times[0].cpu(), torch.tensor(clips[0].times[:: bb.frame_unit]))
+    width = bb.decoder.config.hidden_size * (1 + bb.deepstack_layers)
+    assert batch.frames.shape == (2, units, bb.n0, width)
+    assert torch.equal(batch.frame_times[0].cpu(), torch.as_tensor(bb.unit_times(clips[0].times), dtype=torch.float64))
     for i, c in enumerate(clips):
         needle = np.asarray(c.needle)
         units_needle = [needle[u * bb.frame_unit:(u + 1) * bb.frame_unit].any() for u in range(units)]
