@@ -147,14 +147,24 @@ class Backbone(nn.Module):
         return frames.to(self.device), times.to(self.device)
 
 
-class TemplatedBackbone(Backbone):
-    """A backbone whose prompt is its chat template's text: `_prefix` before the video,
-    `_before` and `_after` around the question (set by the family), tokenised without
-    special tokens; `_lead_ids` are ids a family places first in the question part."""
+class VLMBackbone(Backbone):
+    """A transformers VLM (its language model at `model.model.language_model`) whose
+    prompt is its chat template's text: `_prefix` before the video, `_before` and
+    `_after` around the question (set by the family), tokenised without special tokens;
+    `_lead_ids` are ids a family places first in the question part. `preprocess`: the
+    family's written-out processor steps."""
 
     _prefix: str
     _before: str
     _after: str
+
+    def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess):
+        super().__init__()
+        self.vlm = model
+        self.decoder = model.model.language_model
+        self.lm_head = model.lm_head
+        self.tokenizer = tokenizer
+        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
 
     def _ids(self, text: str) -> Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.backbone import TemplatedBackbone, question_template, remote_code_refused, use_processor_template
+from model.backbone import VLMBackbone, question_template, remote_code_refused, use_processor_template
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class VideoPreprocess:
         return x * self.rescale_factor if self.do_rescale else x
 
 
-class LlavaOnevisionBackbone(TemplatedBackbone):
+class LlavaOnevisionBackbone(VLMBackbone):
     """LLaVA-OneVision / LLaVA-Video: SigLIP tower + projector + Qwen2 decoder, video path.
 
     Token layout, as transformers' processor and forward build it for one video of F frames:
@@ -85,12 +85,7 @@ class LlavaOnevisionBackbone(TemplatedBackbone):
     """
 
     def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess: VideoPreprocess):
-        super().__init__()
-        self.vlm = model
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
-        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
+        super().__init__(model, tokenizer, model_id, revision, preprocess)
         vc = model.config.vision_config
         if preprocess.size != (vc.image_size, vc.image_size):
             raise ValueError(f"model {model_id}: video processor size {preprocess.size} differs from the vision "

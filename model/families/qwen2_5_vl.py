@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.backbone import QUESTION_MARK, TemplatedBackbone, remote_code_refused, use_processor_template
+from model.backbone import QUESTION_MARK, VLMBackbone, remote_code_refused, use_processor_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) under the processor's pixel limits
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -117,27 +117,29 @@ def video_template(tokenizer, model_id: str) -> tuple[str, str, str]:
     return prefix + "<|vision_start|>", "<|vision_end|>" + before, after
 
 
-class Qwen2_5_VLBackbone(TemplatedBackbone):
+def check_tubelet_model(model, model_id: str, preprocess: TubeletPreprocess):
+    """A Qwen-style tubelet model framekv can run: the processor's patch, temporal patch
+    and merge equal the vision tower's, and no sliding-window layers. -> its vision config."""
+    vc = model.config.vision_config
+    own = (vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
+    if (preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size) != own:
+        raise ValueError(f"model {model_id}: video processor (patch, temporal patch, merge) = "
+                         f"{(preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size)} "
+                         f"differ from the vision tower's {own}")
+    if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
+        raise ValueError(f"model {model_id}: sliding-window attention layers are not supported (framekv's "
+                         "decoder attends every cached token)")
+    return vc
+
+
+class Qwen2_5_VLBackbone(VLMBackbone):
     """Qwen2.5-VL's vision tower + merger, and its Qwen2-style decoder with M-RoPE."""
 
     rope_3d = True
 
     def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess: TubeletPreprocess):
-        super().__init__()
-        self.vlm = model
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
-        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
-        vc = model.config.vision_config
-        own = (vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
-        if (preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size) != own:
-            raise ValueError(f"model {model_id}: video processor (patch, temporal patch, merge) = "
-                             f"{(preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size)} "
-                             f"differ from the vision tower's {own}")
-        if "sliding_attention" in model.config.text_config.layer_types:
-            raise ValueError(f"model {model_id}: sliding-window attention layers are not supported (framekv's "
-                             "decoder attends every cached token)")
+        super().__init__(model, tokenizer, model_id, revision, preprocess)
+        vc = check_tubelet_model(model, model_id, preprocess)
         self.frame_unit = vc.temporal_patch_size  # frames per tubelet: the cached frame unit
         self.tokens_per_second = float(vc.tokens_per_second)
         gh, gw = preprocess.grid

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.backbone import TemplatedBackbone, remote_code_refused, use_processor_template
-from model.families.qwen2_5_vl import TubeletPreprocess, video_template
+from model.backbone import VLMBackbone, remote_code_refused, use_processor_template
+from model.families.qwen2_5_vl import TubeletPreprocess, check_tubelet_model, video_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) for one tubelet under the pixel limits
 MAX_SECONDS = 99999.9  # the longest timestamp a frame unit has room for (27.7 h)
@@ -74,28 +74,15 @@ def preprocess_from_pretrained(path: str) -> TubeletPreprocess:
                              std=tuple(raw.get("image_std", IMAGENET_STANDARD_STD)))
 
 
-class Qwen3VLBackbone(TemplatedBackbone):
+class Qwen3VLBackbone(VLMBackbone):
     """Qwen3-VL's vision tower (merger + DeepStack mergers) and its Qwen3 decoder
     (q/k norms, interleaved M-RoPE)."""
 
     rope_3d = True
 
     def __init__(self, model, tokenizer, model_id: str, revision: str, preprocess: TubeletPreprocess):
-        super().__init__()
-        self.vlm = model
-        self.decoder = model.model.language_model
-        self.lm_head = model.lm_head
-        self.tokenizer = tokenizer
-        self.model_id, self.revision, self.preprocess = model_id, revision, preprocess
-        vc = model.config.vision_config
-        own = (vc.patch_size, vc.temporal_patch_size, vc.spatial_merge_size)
-        if (preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size) != own:
-            raise ValueError(f"model {model_id}: video processor (patch, temporal patch, merge) = "
-                             f"{(preprocess.patch_size, preprocess.temporal_patch_size, preprocess.merge_size)} "
-                             f"differ from the vision tower's {own}")
-        if "sliding_attention" in (getattr(model.config.text_config, "layer_types", None) or ()):
-            raise ValueError(f"model {model_id}: sliding-window attention layers are not supported (framekv's "
-                             "decoder attends every cached token)")
+        super().__init__(model, tokenizer, model_id, revision, preprocess)
+        vc = check_tubelet_model(model, model_id, preprocess)
         self.frame_unit = vc.temporal_patch_size
         self.deepstack_layers = len(vc.deepstack_visual_indexes)
         gh, gw = preprocess.grid
