@@ -434,7 +434,6 @@ def test_train_cli_writes_a_tiny_vst_checkpoint(tmp_path, capsys):
 TINY_VST = Path(__file__).resolve().parents[1] / "model" / "checkpoints" / "tiny-vst"
 
 
-@pytest.mark.skipif(not (TINY_VST / "model.safetensors").is_file(), reason="no model/checkpoints/tiny-vst")
 @torch.no_grad()
 def test_shipped_tiny_vst_is_the_tiny_lm_plus_trained_summaries():
     """Its LM is the shipped tiny's, bit for bit (LP-Comp indexes answer as before); its
