@@ -3,7 +3,6 @@ match calling model/ask.py directly on the same cached windows."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from model.qccomp import QuestionContext
 from pipeline.catalog import Catalog
 from pipeline.store import open_store
 from tests.videos import make_text_file
+from tests.output import json_out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -104,7 +104,7 @@ def test_ingest_then_status(indexed, capsys):
     root, index, _ = indexed
     capsys.readouterr()
     assert main(["status", index, "--json"]) == 0
-    status = json.loads(capsys.readouterr().out)
+    status = json_out(capsys)
     assert status["videos"]["ready"] == 2 and status["videos"]["failed"] == 1
     assert status["frames"] == 40 + 24 and status["windows"] == 3 + 2
     first, second = status["runs"][::-1]  # runs are listed newest first

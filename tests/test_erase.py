@@ -33,6 +33,7 @@ from pipeline.erase import ERASE_SOURCE, check_video_filter, cleanup_index, eras
 from pipeline.lease import Lease
 from pipeline.store import open_store, window_key
 from tests.videos import make_video
+from tests.output import json_out
 
 FLAGS = ["--fps", "2", "--window", "4", "--no-progress"]
 QUESTION = "what colour is the star ?"  # words of the tiny model's vocabulary
@@ -167,7 +168,7 @@ def test_a_deleted_video_leaves_nothing_in_a_local_index(index_copy, capsys):
 
     capsys.readouterr()
     assert cli(["delete", index, uris["gone"], "--json"]) == EXIT_OK
-    record = json.loads(capsys.readouterr().out)
+    record = json_out(capsys)
     assert (record["status"], record["video_ids"], record["uris"], record["uris_kept"]) == ("erased", [vid], [], False)
     assert record["objects"] == len(before[vid]) and record["object_bytes"] == sum(w.bytes for w, _ in before[vid])
     assert record["rows"] == {"videos": 1, "windows": len(before[vid]), "frames": row.frames, "sources": 1}
@@ -208,7 +209,7 @@ def test_delete_by_id_prefix_and_by_where(index_copy, capsys):
     assert cli(["delete", index, b[:8]]) == EXIT_OK
     capsys.readouterr()
     assert cli(["delete", index, "--where", f"uri LIKE '%/{clips['c'].name}'", "--keep-uris", "--json"]) == EXIT_OK
-    record = json.loads(capsys.readouterr().out)
+    record = json_out(capsys)
     assert (record["video_ids"], record["uris"]) == ([c], [str(clips["c"])])
     assert record["where"] == f"uri LIKE '%/{clips['c'].name}'"
     assert cli(["cleanup", index]) == EXIT_OK  # default: every version but the latest
@@ -262,7 +263,7 @@ def test_an_interrupted_delete_on_s3_is_finished_by_running_it_again(tmp_path, s
 
     capsys.readouterr()
     assert cli(["delete", index, uris["gone"], "--json"]) == EXIT_OK
-    record = json.loads(capsys.readouterr().out)
+    record = json_out(capsys)
     assert record["finished"] == [crashed["run_id"]] and record["video_ids"] == [vid]
     (done,) = [r for r in Catalog(index).runs(last=10) if r["run_id"] == crashed["run_id"]]
     assert done["status"] == "erased" and done["counts"]["rows"]["videos"] == 1

@@ -9,7 +9,6 @@ tiny-vst checkpoint)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from model.backbone import load_backbone
 from tests.llava_tiny import save_tiny_llava
 from tests.qwen2_5_vl_tiny import save_tiny_qwen2_5_vl
 from tests.qwen3_vl_tiny import save_tiny_qwen3_vl
+from tests.output import json_out
 
 pytestmark = pytest.mark.slow
 SECONDS = 8  # at 1 fps: 8 frames, 2 windows of 4
@@ -48,7 +48,7 @@ def test_ingest_and_ask_with_a_family_checkpoint(family, tmp_path, local_ray, ca
 
     capsys.readouterr()
     assert main(["ask", index, "what colour is the star ?", "--k", "2", "--score", score, "--json", *common]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json_out(capsys)
     assert out["video"]["video_id"] == video.video_id and len(out["evidence"]) == 2
     units = load_backbone(model).unit_times(np.arange(SECONDS) + 0.5)  # 1 fps from 0.5 s, by the family's rule
     assert {e["time"] for e in out["evidence"]} <= set(np.asarray(units).tolist())
@@ -74,5 +74,5 @@ def test_ingest_and_ask_a_vst_index(tmp_path, local_ray, capsys):
         capsys.readouterr()
         assert main(["ask", index, "what colour is the star ?", "--video", video.video_id, "--k", "4",
                      "--answer", mode, "--json", *vst]) == 0
-        answers.append(json.loads(capsys.readouterr().out)["answer"])
+        answers.append(json_out(capsys)["answer"])
     assert answers[0] == answers[1]

@@ -9,7 +9,6 @@ framekv; catalog state is compared as table versions and object listings.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipeline.catalog import Catalog
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.store import open_store
 from tests.videos import ffmpeg, make_text_file, make_video
+from tests.output import json_out
 
 INDEX_CFG = IndexConfig(sampling=SamplingConfig(fps=2.0), window=4)
 FLAGS = ["--fps", "2", "--window", "4", "--no-progress"]
@@ -159,7 +159,7 @@ def test_prune_refuses_an_empty_or_shrunken_source(tmp_path, local_ray, capsys):
     assert versions(str(index)) == before
 
     assert cli(["ingest", str(src), "--index", str(index), "--prune", "--json", *FLAGS]) == EXIT_PRUNE_REFUSED
-    report = json.loads(capsys.readouterr().out)
+    report = json_out(capsys)
     assert report["prune"]["candidates"] == 2 and "50%" in report["prune"]["refused"]
     cache = [k for k in versions(str(index))["objects"] if k.startswith("objects/")]
     assert cache == [k for k in before["objects"] if k.startswith("objects/")]  # the run is recorded, nothing deleted
@@ -183,7 +183,7 @@ def test_failure_classes_retries_and_exit_codes(tmp_path, s3_bucket, s3_proxy, l
     s3_proxy.inject("truncate", method="GET", path=f"/{s3_bucket}/src/cut.mp4$", times=1)  # botocore gives up
 
     assert cli(argv) == EXIT_FAILED  # bad.mp4 failed; the transient faults were retried within the run
-    report = json.loads(capsys.readouterr().out)
+    report = json_out(capsys)
     assert (report["ready"], report["failed"]) == (2, 1)
     (failure,) = report["failures"]
     assert failure["uri"].endswith("bad.mp4") and failure["error_class"] == "permanent"
@@ -193,7 +193,7 @@ def test_failure_classes_retries_and_exit_codes(tmp_path, s3_bucket, s3_proxy, l
 
     s3_proxy.reset()
     assert cli([*argv, "--max-failed", "1"]) == EXIT_OK  # tolerated; the bad file is not read again
-    report = json.loads(capsys.readouterr().out)
+    report = json_out(capsys)
     assert (report["skipped"], report["identified"], report["failed"]) == (3, 0, 0)
     assert s3_proxy.count("GET", path=f"/{s3_bucket}/src/") == 0
     assert by_name(Catalog(index))["bad.mp4"].attempts == 1
@@ -208,11 +208,11 @@ def test_transient_failure_is_retried_by_the_next_run(tmp_path, s3_bucket, s3_pr
             "--endpoint-url", s3_proxy.endpoint, "--json", *FLAGS]
     s3_proxy.inject("reset", method="GET", path=f"/{s3_bucket}/src/late.mp4$", times=1000)
     assert cli(argv) == EXIT_FAILED
-    (failure,) = json.loads(capsys.readouterr().out)["failures"]
+    (failure,) = json_out(capsys)["failures"]
     assert failure["error_class"] == "transient" and "late.mp4" in failure["reason"]
     s3_proxy.reset()
     assert cli(argv) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["ready"] == 1
+    assert json_out(capsys)["ready"] == 1
 
 
 def test_a_non_utf8_file_name_is_indexed_losslessly(tmp_path, local_ray):
@@ -245,7 +245,7 @@ def test_damaged_h264_is_ready_with_its_lost_frames_listed(tmp_path, local_ray, 
     assert cli(["ingest", str(src), "--index", str(index), *flags]) == EXIT_OK
     capsys.readouterr()
     assert cli(["status", str(index), "--json"]) == EXIT_OK
-    status = json.loads(capsys.readouterr().out)
+    status = json_out(capsys)
     assert status["videos"]["ready"] == 2
     lost = {os.path.basename(v["uri"]): v for v in status["lost_frames"]}
     times = sample_times(probe(str(src / "corrupt.mp4")), SamplingConfig(fps=10.0))
@@ -278,4 +278,4 @@ def test_a_second_run_on_a_held_index_is_refused(tmp_path, local_ray, capsys):
     finally:
         other.release()
     assert cli(["ingest", str(src), "--index", str(index), "--json", *FLAGS]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["ready"] == 1
+    assert json_out(capsys)["ready"] == 1

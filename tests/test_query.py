@@ -6,7 +6,6 @@ it sees a new ingest and an erase without being reopened; S3 reads as a local fo
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.catalog import Catalog, VideoRow
 from pipeline.query import MAX_QUESTION_CHARS, readers_for, resolve_video
 from pipeline.store import open_store
 from tests.videos import make_text_file
+from tests.output import json_out
 
 SECONDS = (32, 16)  # two clips: 2 windows and 1 of 16 frames at 1 fps
 
@@ -53,7 +53,7 @@ def tiny():
 def cli_json(capsys, *argv) -> dict | list:
     capsys.readouterr()
     assert main(list(argv) + ["--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    return json_out(capsys)
 
 
 def same_answer(a: dict, b: dict) -> None:

@@ -30,6 +30,7 @@ from jobs.sample_archive import write_sample_archive
 from pipeline.decode import decode_frames
 from pipeline.query import MAX_QUESTION_CHARS
 from tests.test_query import ingest, same_answer
+from tests.output import json_out
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = (16, 8)  # two clips of one 16-frame window each at 1 fps
@@ -123,7 +124,7 @@ def clip(indexed, name: str) -> str:
 def cli_json(capsys, *argv) -> dict:
     capsys.readouterr()
     assert main(list(argv) + ["--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    return json_out(capsys)
 
 
 @pytest.mark.parametrize("where", ["one video", "library"])

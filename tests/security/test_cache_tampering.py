@@ -21,6 +21,7 @@ from pipeline.store import open_store
 from pipeline.verify import HEADER, SHA256, verify_index
 from tests.test_kvcache import tensor_spans
 from tests.videos import make_video
+from tests.output import json_out
 
 # 1 frame a second, 4 to a window: a 12 s clip has windows [0.5 .. 3.5], [4.5 .. 7.5], [8.5 .. 11.5] s
 FLAGS = ["--fps", "1", "--window", "4", "--no-progress"]
@@ -99,13 +100,13 @@ def test_tampered_objects_are_refused_found_and_restored(indexed, capsys):
     assert w0 in out and w2 in out and "header bytes changed" in out
 
     assert cli(["verify", index, "--repair", "--json"]) == EXIT_FAILED  # problems were found, and repaired
-    repair = json.loads(capsys.readouterr().out)["repair"]
+    repair = json_out(capsys)["repair"]
     assert [(v["video_id"], v["removed"], v["reindex"]) for v in repair["videos"]] == [(video.video_id, [0, 2], True)]
     assert Catalog(index).get_video(video.video_id, video.model_fp).status == "ingesting"
     assert not store.exists(w0) and not store.exists(w2)
 
     assert cli(["ingest", str(src), "--index", index, *FLAGS, "--json"]) == EXIT_OK
-    run = json.loads(capsys.readouterr().out)
+    run = json_out(capsys)
     assert (run["ready"], run["windows_encoded"], run["windows_resumed"]) == (1, 2, 1)
     assert {w.key: store.get(w.key) for w in rows} == original  # re-encoded: the same bytes as before
     assert verify_index(index).ok
