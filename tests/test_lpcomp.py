@@ -6,7 +6,6 @@ contiguous position ids (compression on). fp32 throughout; floats agree up to fp
 reordering noise (tests/tolerance.py), kept indices exactly.
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from model.config import CompressionConfig
 from model.decoder import LayerKV, extend, rotate
 from model.lpcomp import lp_forward, prefill_windows
 from tests.llava_tiny import save_tiny_llava
+from tests.reference import eager_attention
 from tests.tolerance import assert_close_scaled
 
 torch.set_num_threads(1)
@@ -57,16 +57,6 @@ def rotate_frames(bb, keys, p):
     f, n = keys.shape[:2]
     pos = (p + torch.arange(f * n))[None]
     return rotate(bb.decoder, keys.reshape(1, f * n, *keys.shape[2:]), pos)[0].reshape(keys.shape)
-
-
-@contextlib.contextmanager
-def eager_attention(dec):
-    old = dec.config._attn_implementation
-    dec.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        dec.config._attn_implementation = old
 
 
 def naive_reference(bb, prefix, frames, suffix, comp):

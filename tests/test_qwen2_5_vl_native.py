@@ -18,7 +18,6 @@ floats compared with tests/tolerance.py, ids and kept indices exactly.
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,6 +37,7 @@ from model.positions import frame_token_positions, kept_tokens
 from model.qccomp import QuestionContext, score_frames
 from model.synth import make_video
 from tests.qwen2_5_vl_tiny import IMAGE_MEAN, IMAGE_STD, TOKENS_PER_SECOND, save_tiny_qwen2_5_vl
+from tests.reference import eager_attention
 from tests.tolerance import assert_close_scaled
 
 OFF = CompressionConfig(enabled=False)
@@ -234,16 +234,6 @@ def test_generated_tokens_follow_transformers_positions(bb):
 
 
 # ---------------------------------------------------------------- LP-Comp on
-
-
-@contextlib.contextmanager
-def eager_attention(dec):
-    old = dec.config._attn_implementation
-    dec.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        dec.config._attn_implementation = old
 
 
 def naive_reference(bb, frames: np.ndarray, embs: torch.Tensor, comp: CompressionConfig):

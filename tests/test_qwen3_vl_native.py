@@ -20,7 +20,6 @@ floats compared with tests/tolerance.py, ids and kept indices exactly.
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +40,7 @@ from model.positions import frame_token_positions, kept_tokens
 from model.qccomp import QuestionContext, score_frames
 from model.synth import make_video
 from tests.qwen3_vl_tiny import IMAGE_MEAN, IMAGE_STD, save_tiny_qwen3_vl
+from tests.reference import eager_attention
 from tests.tolerance import assert_close_scaled
 
 OFF = CompressionConfig(enabled=False)
@@ -259,16 +259,6 @@ def test_without_deepstack_the_logits_differ(bb):
 
 
 # ---------------------------------------------------------------- LP-Comp on
-
-
-@contextlib.contextmanager
-def eager_attention(dec):
-    old = dec.config._attn_implementation
-    dec.config._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        dec.config._attn_implementation = old
 
 
 def naive_reference(bb, frames: np.ndarray, comp: CompressionConfig):
