@@ -33,6 +33,19 @@ FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) under t
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
+def video_processor_config(path: str) -> dict:
+    """The video processor config transformers would load for `path` (its
+    video_preprocessor_config.json or what stands in its place); none is an error."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    try:
+        raw, _ = BaseVideoProcessor.get_video_processor_dict(path)
+    except OSError as e:
+        raise ValueError(f"model {path!r} has no video processor config (video_preprocessor_config.json or "
+                         f"preprocessor_config.json): its frame normalisation is unknown ({e})") from None
+    return raw
+
+
 @dataclass(frozen=True)
 class TubeletPreprocess:
     """Qwen2VLVideoProcessor's steps for frames already at a size it keeps, from the
@@ -55,25 +68,26 @@ class TubeletPreprocess:
         within its min/max pixels."""
         from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        from transformers.video_processing_utils import BaseVideoProcessor
-
-        try:
-            raw, _ = BaseVideoProcessor.get_video_processor_dict(path)
-        except OSError as e:
-            raise ValueError(f"model {path!r} has no video processor config (video_preprocessor_config.json or "
-                             f"preprocessor_config.json): its frame normalisation is unknown ({e})") from None
+        raw = video_processor_config(path)
         size = dict(raw.get("size") or {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768})
         size["shortest_edge"] = raw.get("min_pixels", size.get("shortest_edge"))
         size["longest_edge"] = raw.get("max_pixels", size.get("longest_edge"))
         patch, merge = int(raw.get("patch_size", 14)), int(raw.get("merge_size", 2))
         h, w = smart_resize(FRAME_SIDE, FRAME_SIDE, factor=patch * merge, min_pixels=size["shortest_edge"],
                             max_pixels=size["longest_edge"])
-        return cls(size=(h, w), patch_size=patch, temporal_patch_size=int(raw.get("temporal_patch_size", 2)),
-                   merge_size=merge, do_rescale=bool(raw.get("do_rescale", True)),
+        return cls.from_config(raw, (h, w), patch, int(raw.get("temporal_patch_size", 2)), merge,
+                               OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    @classmethod
+    def from_config(cls, raw: dict, size: tuple[int, int], patch: int, temporal: int, merge: int,
+                    mean: tuple[float, ...], std: tuple[float, ...]) -> TubeletPreprocess:
+        """The rescale / normalisation fields from a processor config `raw`, over the class
+        defaults (rescale by 1/255, `mean` / `std`), at a decided frame size and patching."""
+        return cls(size=size, patch_size=patch, temporal_patch_size=temporal, merge_size=merge,
+                   do_rescale=bool(raw.get("do_rescale", True)),
                    rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
                    do_normalize=bool(raw.get("do_normalize", True)),
-                   mean=tuple(raw.get("image_mean", OPENAI_CLIP_MEAN)),
-                   std=tuple(raw.get("image_std", OPENAI_CLIP_STD)))
+                   mean=tuple(raw.get("image_mean", mean)), std=tuple(raw.get("image_std", std)))
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from model.backbone import VLMBackbone, remote_code_refused, use_processor_template
-from model.families.qwen2_5_vl import TubeletPreprocess, check_tubelet_model, video_template
+from model.families.qwen2_5_vl import TubeletPreprocess, check_tubelet_model, video_processor_config, video_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) for one tubelet under the pixel limits
 MAX_SECONDS = 99999.9  # the longest timestamp a frame unit has room for (27.7 h)
@@ -55,23 +55,13 @@ def preprocess_from_pretrained(path: str) -> TubeletPreprocess:
     one tubelet (temporal_patch_size frames) within min/max pixels."""
     from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
-    from transformers.video_processing_utils import BaseVideoProcessor
 
-    try:
-        raw, _ = BaseVideoProcessor.get_video_processor_dict(path)
-    except OSError as e:
-        raise ValueError(f"model {path!r} has no video processor config (video_preprocessor_config.json or "
-                         f"preprocessor_config.json): its frame normalisation is unknown ({e})") from None
+    raw = video_processor_config(path)
     size = dict(raw.get("size") or {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768})
     patch, merge, tp = int(raw.get("patch_size", 16)), int(raw.get("merge_size", 2)), int(raw.get("temporal_patch_size", 2))
     h, w = smart_resize(tp, FRAME_SIDE, FRAME_SIDE, temporal_factor=tp, factor=patch * merge,
                         min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-    return TubeletPreprocess(size=(h, w), patch_size=patch, temporal_patch_size=tp, merge_size=merge,
-                             do_rescale=bool(raw.get("do_rescale", True)),
-                             rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
-                             do_normalize=bool(raw.get("do_normalize", True)),
-                             mean=tuple(raw.get("image_mean", IMAGENET_STANDARD_MEAN)),
-                             std=tuple(raw.get("image_std", IMAGENET_STANDARD_STD)))
+    return TubeletPreprocess.from_config(raw, (h, w), patch, tp, merge, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)
 
 
 class Qwen3VLBackbone(VLMBackbone):
