@@ -40,7 +40,7 @@ from model.positions import frame_token_positions, kept_tokens
 from model.qccomp import QuestionContext, score_frames
 from model.synth import make_video
 from tests.qwen3_vl_tiny import IMAGE_MEAN, IMAGE_STD, save_tiny_qwen3_vl
-from tests.reference import eager_attention
+from tests.reference import eager_attention, tubelet_pixels
 from tests.tolerance import assert_close_scaled
 
 OFF = CompressionConfig(enabled=False)
@@ -75,25 +75,8 @@ def video(size: int, frames: int = FRAMES) -> tuple[np.ndarray, np.ndarray]:
     return make_video(seed=5, num_frames=frames).render(times, (size, size)), times
 
 
-def pixels(frames: np.ndarray, patch: int = 16, merge: int = 2, tp: int = 2) -> torch.Tensor:
-    """The processor's pixel_values_videos, one patch at a time: rescale + normalise, the
-    last frame repeated to an even count, rows ordered tubelet, merged cell (row-major),
-    then the 2 x 2 patches inside it; each row is channel, frame, y, x."""
-    x = (frames.astype(np.float32) / 255.0 - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
-    x = x.transpose(0, 3, 1, 2)  # [F, C, H, W]
-    if len(x) % tp:
-        x = np.concatenate([x, x[-1:]])
-    gh, gw = x.shape[2] // patch, x.shape[3] // patch
-    rows = []
-    for t in range(len(x) // tp):
-        for bh in range(gh // merge):
-            for bw in range(gw // merge):
-                for mh in range(merge):
-                    for mw in range(merge):
-                        y0, x0 = (bh * merge + mh) * patch, (bw * merge + mw) * patch
-                        block = x[t * tp : (t + 1) * tp, :, y0 : y0 + patch, x0 : x0 + patch]  # [tp, C, p, p]
-                        rows.append(block.transpose(1, 0, 2, 3).reshape(-1))
-    return torch.from_numpy(np.stack(rows))
+def pixels(frames: np.ndarray) -> torch.Tensor:
+    return tubelet_pixels(frames, IMAGE_MEAN, IMAGE_STD, patch=16)
 
 
 def reference_inputs(bb, frames: np.ndarray) -> dict:
