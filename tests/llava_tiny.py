@@ -25,16 +25,25 @@ CHAT_TEMPLATE = (
 IMAGE_MEAN, IMAGE_STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
+def word_tokenizer(special: list[str], words: list[str], digits: bool = False
+                   ) -> tuple[dict[str, int], PreTrainedTokenizerFast]:
+    """(vocab, tokenizer): one id a word (special tokens first), split on whitespace and
+    punctuation (and into single digits with `digits`, as Qwen's tokenizers split numbers);
+    eos <|im_end|>, pad <|endoftext|>, as the Qwen2 chat models have them."""
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    split = [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(split + [pre_tokenizers.Digits(individual_digits=True)] * digits)
+    tok.add_special_tokens(special)
+    return vocab, PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                          pad_token="<|endoftext|>")
+
+
 def save_tiny_llava(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 4) -> Path:
     """Write the checkpoint to `path`: image_size^2 frames, patch_size^2 patches (default an
     8x8 grid, pooled to 4x4), 3 text layers."""
     path = Path(path)
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(SPECIAL)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    vocab, tokenizer = word_tokenizer(SPECIAL, WORDS)
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlavaOnevisionConfig(
         vision_config=dict(model_type="siglip_vision_model", image_size=image_size, patch_size=patch_size, hidden_size=32,

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from tests.llava_tiny import word_tokenizer
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>", "<unk>"]
@@ -42,12 +43,7 @@ def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, layers: int = 2, size: int =
     """Write the checkpoint to `path` and return it: `layers` decoder layers, size x size
     frames (a multiple of 28: (size / 28)^2 tokens per tubelet)."""
     path = Path(path)
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.add_special_tokens(SPECIAL)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    vocab, tokenizer = word_tokenizer(SPECIAL, WORDS)
     config = Qwen2_5_VLConfig(
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,

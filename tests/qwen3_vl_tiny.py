@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+from tests.llava_tiny import word_tokenizer
 from tests.qwen2_5_vl_tiny import CHAT_TEMPLATE, SPECIAL, WORDS
 
 TIME_WORDS = ["<", ">", "seconds", *"0123456789"]
@@ -32,13 +32,7 @@ def save_tiny_qwen3_vl(path: Path, seed: int = 0, layers: int = 2, size: int = S
     """Write the checkpoint to `path` and return it: `layers` decoder layers, size x size
     frames (a multiple of 32: (size / 32)^2 video tokens per tubelet)."""
     path = Path(path)
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS + TIME_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
-                                                 pre_tokenizers.Digits(individual_digits=True)])
-    tok.add_special_tokens(SPECIAL)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    vocab, tokenizer = word_tokenizer(SPECIAL, WORDS + TIME_WORDS, digits=True)
     grid = size // 16
     config = Qwen3VLConfig(
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
