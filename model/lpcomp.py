@@ -87,6 +87,33 @@ def _gather_frames(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(2, idx.reshape(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
 
 
+def forward_inputs(backbone, frames: Tensor, prefix: Tensor | None, suffix: Tensor | None,
+                   frame_valid: Tensor | None, suffix_valid: Tensor | None, prob_rows: Tensor | None,
+                   prob_layers: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """A forward's inputs with their defaults, on the frames' device, checked: (prefix
+    [B, P, D]: the template's by default; suffix [B, S, D]: empty by default; frame_valid
+    [B, F]; suffix_valid [B, S]; prob_rows). frames [B, F, ...] (the embeddings' width D
+    first in the last axis); what lp_forward and model.vst's vst_forward share."""
+    dec = backbone.decoder
+    b, f = frames.shape[:2]
+    dev = frames.device
+    if prefix is None:
+        prefix = dec.embed_tokens(backbone.prefix_ids().to(dev))[None].expand(b, -1, -1).to(frames.dtype)
+    if suffix is None:
+        suffix = frames.new_zeros(b, 0, dec.config.hidden_size)
+    s = suffix.shape[1]
+    frame_valid = torch.ones(b, f, dtype=torch.bool, device=dev) if frame_valid is None else frame_valid.to(dev)
+    suffix_valid = torch.ones(b, s, dtype=torch.bool, device=dev) if suffix_valid is None else suffix_valid.to(dev)
+    if prob_rows is not None:
+        prob_rows = prob_rows.to(dev)
+        if prob_layers and (prob_rows.numel() == 0 or prob_rows.max() >= s or prob_rows.min() < 0):
+            raise ValueError(f"prob_rows must index the {s} suffix tokens, got {prob_rows.tolist()}")
+    bad = [l for l in prob_layers if not 0 <= l < len(dec.layers)]
+    if bad:
+        raise ValueError(f"prob_layers {bad} outside 0..{len(dec.layers) - 1}")
+    return prefix, suffix, frame_valid, suffix_valid, prob_rows
+
+
 def lp_forward(
     backbone,
     frames: Tensor,
@@ -134,22 +161,10 @@ def lp_forward(
         frames, deep = frames[..., :d], frames[..., d:].unflatten(-1, (ds, d))
     b, f, n0, _ = frames.shape
     dev = frames.device
-    if prefix is None:
-        ids = backbone.prefix_ids().to(dev)
-        prefix = dec.embed_tokens(ids)[None].expand(b, -1, -1).to(frames.dtype)
-    if suffix is None:
-        suffix = frames.new_zeros(b, 0, d)
+    prefix, suffix, frame_valid, suffix_valid, prob_rows = forward_inputs(
+        backbone, frames, prefix, suffix, frame_valid, suffix_valid, prob_rows, prob_layers)
     p, s = prefix.shape[1], suffix.shape[1]
-    frame_valid = torch.ones(b, f, dtype=torch.bool, device=dev) if frame_valid is None else frame_valid.to(dev)
-    suffix_valid = torch.ones(b, s, dtype=torch.bool, device=dev) if suffix_valid is None else suffix_valid.to(dev)
     prefix_valid = torch.ones(b, p, dtype=torch.bool, device=dev)
-    if prob_rows is not None:
-        prob_rows = prob_rows.to(dev)
-        if prob_layers and (prob_rows.numel() == 0 or prob_rows.max() >= s or prob_rows.min() < 0):
-            raise ValueError(f"prob_rows must index the {s} suffix tokens, got {prob_rows.tolist()}")
-    bad = [l for l in prob_layers if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"prob_layers {bad} outside 0..{num_layers - 1}")
     ids = None  # rope_3d: (t, h, w) ids of every frame token [B, F, n0, 3], gathered as tokens are dropped
     slot_valid = None  # [B, F, n0]: which slots of a frame unit are tokens (None: all)
     if backbone.rope_3d:

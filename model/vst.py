@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from model.config import VST_RATIOS
 from model.decoder import LayerKV, extend, layer_step, positions_for, rotate
-from model.lpcomp import LPOutput, WindowKV
+from model.lpcomp import LPOutput, WindowKV, forward_inputs
 
 
 class VSTParams(nn.Module):
@@ -252,20 +252,9 @@ def vst_forward(
     num_layers = len(dec.layers)
     b, f = frames.shape[:2]
     dev = frames.device
-    if prefix is None:
-        prefix = dec.embed_tokens(backbone.prefix_ids().to(dev))[None].expand(b, -1, -1).to(frames.dtype)
-    if suffix is None:
-        suffix = frames.new_zeros(b, 0, frames.shape[-1])
-    p, s = prefix.shape[1], suffix.shape[1]
-    frame_valid = torch.ones(b, f, dtype=torch.bool, device=dev) if frame_valid is None else frame_valid.to(dev)
-    suffix_valid = torch.ones(b, s, dtype=torch.bool, device=dev) if suffix_valid is None else suffix_valid.to(dev)
-    if prob_rows is not None:
-        prob_rows = prob_rows.to(dev)
-        if prob_layers and (prob_rows.numel() == 0 or prob_rows.max() >= s or prob_rows.min() < 0):
-            raise ValueError(f"prob_rows must index the {s} suffix tokens, got {prob_rows.tolist()}")
-    bad = [l for l in prob_layers if not 0 <= l < num_layers]
-    if bad:
-        raise ValueError(f"prob_layers {bad} outside 0..{num_layers - 1}")
+    prefix, suffix, frame_valid, suffix_valid, prob_rows = forward_inputs(
+        backbone, frames, prefix, suffix, frame_valid, suffix_valid, prob_rows, prob_layers)
+    p = prefix.shape[1]
 
     keys, values, covers = vst_prefill(backbone, frames, ratio, frame_valid, prefix)
     k = covers.shape[0]
