@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
                     help="how the caches are built (vst: a model with summarization parameters, e.g. tiny-vst)")
     ap.add_argument("--vst-ratio", type=int, default=16, help="vst: raw tokens per summary")
+    ap.add_argument("--lp-tokens", type=int, default=None,
+                    help="lpcomp: tokens of a frame let into the model (a byte budget; default all)")
     ap.add_argument("--out", type=Path, default=DOCS / "needle.png", help="accuracy plot (PNG)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -259,12 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.questions < 1 or min(args.lengths) < 1 or min(args.ks) < 1:
         ap.error("--questions, --lengths and --ks must be positive")
     torch.set_num_threads(args.threads)
-    comp = CompressionConfig(compression=args.compression, vst_ratio=args.vst_ratio)
+    try:
+        comp = CompressionConfig(compression=args.compression, vst_ratio=args.vst_ratio, lp_tokens=args.lp_tokens)
+    except ValueError as e:
+        ap.error(str(e))
     encoder = WindowEncoder(args.model, IndexConfig(compression=comp))
     off_model = load_backbone(args.off_model).eval() if args.off_model else None
     print(f"model {args.model} ({encoder.backbone.revision}), "
           + (f"lpcomp-off rows: {args.off_model} ({off_model.revision}), " if off_model else "")
-          + f"compression {comp.stored_policy if comp.compression == 'vst' else 'lpcomp'}, "
+          + f"compression {comp.stored_policy if comp.compression == 'vst' else 'lpcomp'}"
+          + (f" (lp_tokens {comp.lp_tokens})" if comp.lp_tokens else "") + ", "
           + f"threads {args.threads}, {args.questions} questions per length", flush=True)
     rng = np.random.default_rng(0)
     results, caches = {}, {}

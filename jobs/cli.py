@@ -91,6 +91,9 @@ def add_ingest_args(p: argparse.ArgumentParser) -> None:
                         "with them (--model tiny-vst)")
     p.add_argument("--vst-ratio", type=int, choices=(1, 2, 4, 8, 16), default=16,
                    help="vst: raw tokens per summarization token (default 16: one summary a tiny frame)")
+    p.add_argument("--lp-tokens", type=_positive_int, default=None,
+                   help="lpcomp: a byte budget, the tokens of a frame the keep policy lets into the model "
+                        "(default: all; the schedule shrinks from there)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://host:port); default: start a local Ray")
     p.add_argument("--num-cpus", type=_positive_int, default=None, help="CPUs of the local Ray (default: all)")
@@ -121,7 +124,8 @@ def ingest_config(args: argparse.Namespace):
     from model.config import CompressionConfig, IndexConfig, SamplingConfig
     from pipeline.ingest import IngestConfig
 
-    comp = CompressionConfig(enabled=not args.no_lpcomp, compression=args.compression, vst_ratio=args.vst_ratio)
+    comp = CompressionConfig(enabled=not args.no_lpcomp, compression=args.compression, vst_ratio=args.vst_ratio,
+                             lp_tokens=args.lp_tokens)
     index_cfg = IndexConfig(sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames),
                             window=args.window, compression=comp,
                             quant=args.quant)

@@ -80,13 +80,16 @@ def read_selected_embeddings(readers: Sequence[WindowReader], picked: FrameScore
 
 def stored_compression(backbone, reader: WindowReader, comp: CompressionConfig | None) -> CompressionConfig:
     """The compression the objects were written with (VST and its ratio from their policy
-    "vst<r>"; else LP-Comp on/off from their schedule, and their keep policy), or `comp`
-    checked against it."""
+    "vst<r>"; else LP-Comp on/off and its budget from their schedule, and their keep
+    policy), or `comp` checked against it."""
     flat = [backbone.n0] * backbone.num_layers
     policy = reader.meta.policy
     if comp is None:
+        first = reader.meta.schedule[0]  # below n0: an LP-Comp budget, `lp_tokens`
         comp = (CompressionConfig(compression="vst", vst_ratio=int(policy.removeprefix("vst")))
-                if policy.startswith("vst") else CompressionConfig(enabled=reader.meta.schedule != flat, policy=policy))
+                if policy.startswith("vst") else
+                CompressionConfig(enabled=reader.meta.schedule != flat, policy=policy,
+                                  lp_tokens=first if first < backbone.n0 else None))
     want = unit_schedule(comp, backbone.num_layers, backbone.n0, backbone.unit_text)
     chose = comp.enabled or comp.compression == "vst"  # the policy matters only where tokens were chosen
     if want != reader.meta.schedule or (chose and comp.stored_policy != policy):

@@ -66,6 +66,7 @@ class CompressionConfig:
     policy: str = "suffix"  # LP-Comp keep policy: suffix (paper) | uniform | keynorm (QuickPrefill) - ablations
     compression: str = "lpcomp"  # lpcomp | vst
     vst_ratio: int = 16  # VST only: raw tokens per summarization token
+    lp_tokens: int | None = None  # LP-Comp only: tokens of a frame that enter the decoder (None: all n0)
 
     def __post_init__(self) -> None:
         if self.policy not in KEEP_POLICIES:
@@ -76,13 +77,23 @@ class CompressionConfig:
             raise ValueError(f"vst_ratio must be one of {VST_RATIOS}, got {self.vst_ratio!r}")
         if self.compression == "vst" and not self.enabled:
             raise ValueError("enabled=False turns LP-Comp off; with compression 'vst' keep every token by vst_ratio=1")
+        if self.lp_tokens is not None:
+            if self.lp_tokens < 1:
+                raise ValueError(f"lp_tokens must be >= 1, got {self.lp_tokens}")
+            if self.compression != "lpcomp" or not self.enabled:
+                raise ValueError("lp_tokens is LP-Comp's budget: it needs compression 'lpcomp', enabled")
+            if self.policy == "keynorm":  # its choice reads keys, which no layer has computed yet
+                raise ValueError("lp_tokens chooses tokens before the first layer: use keep policy suffix or uniform")
 
     def tokens_per_layer(self, num_layers: int, n0: int) -> list[int]:
         if self.compression == "vst":
             if n0 % self.vst_ratio:
                 raise ValueError(f"vst_ratio {self.vst_ratio} does not divide the model's {n0} tokens per frame")
             return [n0 // self.vst_ratio] * num_layers
-        return lp_schedule(num_layers, n0) if self.enabled else [n0] * num_layers
+        if not self.enabled:
+            return [n0] * num_layers
+        # a budget below n0: the cosine schedule over the tokens the policy lets in
+        return lp_schedule(num_layers, min(n0, self.lp_tokens or n0))
 
     @property
     def stored_policy(self) -> str:

@@ -71,6 +71,9 @@ class WindowEncoder:
         if cfg.window % bb.frame_unit:
             raise ValueError(f"window of {cfg.window} frames: model {bb.model_id} encodes frames in units of "
                              f"{bb.frame_unit}, so a window must be a multiple of {bb.frame_unit} frames")
+        if bb.rope_3d and comp.lp_tokens is not None:
+            raise ValueError(f"model {bb.model_id} places tokens by (t, h, w) ids, which cached frames re-derive from "
+                             "a schedule that every token enters: index it without an LP-Comp budget (lp_tokens)")
         if bb.rope_3d and comp.enabled and comp.policy not in POSITIONAL_POLICIES:
             raise ValueError(f"model {bb.model_id} places tokens by (t, h, w) ids, which cached frames do not store: "
                              f"keep policy {comp.policy!r} chooses tokens per frame; use one of {POSITIONAL_POLICIES}")

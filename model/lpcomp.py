@@ -3,7 +3,8 @@
 The sequence is [prefix text | F frames x n(l) tokens | suffix text]. Layer l sees
 n(l) tokens of every frame (`CompressionConfig.tokens_per_layer`); after layer l the
 keep policy picks n(l+1) of them (the kept sets nest) and the sequence is renumbered
-0..len-1. Text tokens are never dropped. An M-RoPE backbone (`rope_3d`) is not
+0..len-1. Text tokens are never dropped. With a budget (`lp_tokens` < n0) only the
+policy's first n(0) tokens of a frame enter layer 0 (suffix: its last ones). An M-RoPE backbone (`rope_3d`) is not
 renumbered: its ids are coordinates, so a kept token keeps its (t, h, w) id (prefix
 at 0..P-1, frame tokens at P + `frame_positions(times)`, the suffix from P +
 `text_offset(times)`), at every layer, as the model's get_rope_index places the full video.
@@ -79,6 +80,19 @@ def select_tokens(policy: str, n_next: int, keys: Tensor) -> Tensor:
     else:
         raise ValueError(f"unknown keep policy {policy!r}")
     return idx.expand(b, f, n_next)
+
+
+def survivors(policy: str, n_next: int, keys: Tensor, text: tuple[int, int] = (0, 0)) -> Tensor:
+    """Which of each frame's n current tokens go on: indices [B, F, n_next]; the (lead,
+    tail) text slots always, the policy's choice among the tokens between (keys [B, F, n,
+    kvh, hd], read by keynorm only)."""
+    lead, tail = text
+    b, f, n = keys.shape[:3]
+    sel = select_tokens(policy, n_next - lead - tail, keys[:, :, lead : n - tail]) + lead
+    if lead or tail:
+        sel = torch.cat([torch.arange(lead, device=keys.device).expand(b, f, -1), sel,
+                         torch.arange(n - tail, n, device=keys.device).expand(b, f, -1)], 2)
+    return sel
 
 
 def _gather_frames(x: Tensor, idx: Tensor) -> Tensor:
@@ -180,6 +194,9 @@ def lp_forward(
     sched = unit_schedule(comp, num_layers, n0, (lead, tail))
     kept = torch.arange(n0, device=dev).expand(b, f, n0)
     prefix_h, frame_h, suffix_h = prefix, frames, suffix
+    if sched[0] < n0:  # a budget (`lp_tokens`): only the policy's tokens enter the first layer
+        kept = survivors(comp.policy, sched[0], frames.new_zeros(b, f, n0, 1, 1), (lead, tail))
+        frame_h = _gather_frames(frames, kept)
     out = LPOutput(hidden=suffix, logits=None, past=[])
     for l in range(num_layers):
         n = frame_h.shape[2]  # == sched[l]
@@ -210,10 +227,7 @@ def lp_forward(
         if deep is not None and l < ds:  # DeepStack: layer l's visual map onto the tokens kept here
             frame_h = frame_h + _gather_frames(deep[:, :, :, l], kept)
         if l + 1 < num_layers and sched[l + 1] < n:  # drop after this layer, by its keys; text slots stay
-            sel = select_tokens(comp.policy, sched[l + 1] - lead - tail, fk[:, :, lead : n - tail]) + lead
-            if lead or tail:
-                sel = torch.cat([torch.arange(lead, device=dev).expand(b, f, -1), sel,
-                                 torch.arange(n - tail, n, device=dev).expand(b, f, -1)], 2)
+            sel = survivors(comp.policy, sched[l + 1], fk, (lead, tail))
             frame_h, kept = _gather_frames(frame_h, sel), _gather_frames(kept, sel)
 
     out.hidden = dec.norm(suffix_h)

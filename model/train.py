@@ -47,8 +47,10 @@ ran the source. Weights train in fp32 (a 7B model needs a large GPU).
 parameters (model/vst.py: embedding and per-layer q/k/v/o, initialised from the LM's
 unless the checkpoint has them) with the same losses and curriculum, through the same
 forward with VST active (`lp_forward` dispatches), a ratio drawn from `--vst-ratios` for
-every step; everything else stays frozen. The result is a tiny-vst checkpoint: the
-tiny weights unchanged plus `vst.*` tensors.
+every step; everything else stays frozen. With `--vst-tune-lm` the decoder layers and LM
+head are tuned with them (as Video-XL tunes its LLM); vision and token embeddings stay.
+The result is a tiny-vst checkpoint: the tiny weights (tuned LM layers with
+`--vst-tune-lm`) plus `vst.*` tensors.
 """
 
 from __future__ import annotations
@@ -434,17 +436,25 @@ def frozen_vision(backbone) -> list[nn.Parameter]:
     raise ValueError(f"{backbone.model_id}: no known vision tower to freeze in {type(backbone.vlm).__name__}")
 
 
-def prepare_vst(backbone) -> None:
+def prepare_vst(backbone, tune_lm: bool = False) -> None:
     """VST tuning: give the backbone summarization parameters (initialised from its own
-    LM, unless its checkpoint has them) and freeze everything else."""
+    LM, unless its checkpoint has them) and freeze everything else, except, with
+    `tune_lm`, the decoder layers, final norm and LM head: Video-XL tunes its LLM with
+    the summaries, since an LM trained on raw visual tokens reads summaries only as
+    well as they imitate them. The vision side and token embeddings stay frozen, so
+    the frame embeddings and the retrieval head keep their meaning."""
     if not hasattr(backbone, "save"):
         raise ValueError(f"{backbone.model_id}: VST parameters are saved only with tiny checkpoints (model/tiny.py)")
     if getattr(backbone, "vst", None) is None:
         backbone.vst = VSTParams(backbone.decoder, backbone.tokenizer.eos_token_id).to(backbone.device)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    for p in backbone.vst.parameters():
-        p.requires_grad_(True)
+    tuned = [backbone.vst]
+    if tune_lm:
+        tuned += [backbone.decoder.layers, backbone.decoder.norm, backbone.lm_head]
+    for module in tuned:
+        for p in module.parameters():
+            p.requires_grad_(True)
 
 
 def new_backbone(init: str | None, seed: int, tiny_config: dict | None = None):
@@ -540,9 +550,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--w-focus", type=float, default=None,
                     help="weight of the focus-word readout loss (default 1 for tiny, 0 for other families)")
     ap.add_argument("--compression", choices=("lpcomp", "vst"), default="lpcomp",
-                    help="vst: tune only the VST summarization parameters of the --init checkpoint")
+                    help="vst: tune the VST summarization parameters of the --init checkpoint (and its LM "
+                         "with --vst-tune-lm)")
     ap.add_argument("--vst-ratios", type=int, nargs="+", default=[2, 4, 8, 16],
                     help="VST ratios, one drawn per step (held-out accuracy is measured at the largest)")
+    ap.add_argument("--vst-tune-lm", action="store_true",
+                    help="vst: also tune the LM's decoder layers and head (vision and embeddings stay frozen)")
     ap.add_argument("--w-relevance", type=float, default=1.0, help="weight of the relevance loss")
     ap.add_argument("--freeze-vision", action="store_true", help="real checkpoints: tune projector + LLM only")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
@@ -569,6 +582,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [r for r in args.vst_ratios if r not in VST_RATIOS or r == 1]
         if bad:
             ap.error(f"--vst-ratios {bad}: choose among {VST_RATIOS[1:]} (ratio 1 has no summarization tokens)")
+    elif args.vst_tune_lm:
+        ap.error("--vst-tune-lm is a --compression vst option")
     return args
 
 
@@ -614,7 +629,7 @@ def main(argv: list[str] | None = None) -> dict:
     w_attr, w_vision, w_focus = head_weights(args, backbone)
     if args.compression == "vst":
         try:
-            prepare_vst(backbone)
+            prepare_vst(backbone, args.vst_tune_lm)
         except ValueError as e:
             raise SystemExit(f"--compression vst: {e}") from None
         comp = CompressionConfig(compression="vst", vst_ratio=max(args.vst_ratios))  # the held-out evaluation's
@@ -634,7 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Progress(args.steps, args.minutes, args.start_fraction)
 
     def record(step: int) -> dict:
-        vst = {"compression": "vst", "vst_ratios": args.vst_ratios} if comp.compression == "vst" else {}
+        vst = {"compression": "vst", "vst_ratios": args.vst_ratios, "vst_tune_lm": args.vst_tune_lm} if comp.compression == "vst" else {}
         return {"steps": step, "seed": args.seed, "lpcomp": comp.compression == "lpcomp" and comp.enabled, **vst,
                 "command": command,
                 "phase_starts": phase_starts, "eval_acc_64": evals[-1][1] if evals else None,

@@ -105,6 +105,7 @@ class NightlyConfig(_Section):
     lpcomp: bool = True
     compression: Literal["lpcomp", "vst"] = "lpcomp"
     vst_ratio: Literal[1, 2, 4, 8, 16] = 16
+    lp_tokens: int | None = Field(None, ge=1)  # LP-Comp's budget: tokens of a frame let in (None: all)
     trust_remote_code: bool = False
     sampling: Sampling = Sampling()
     window: int = Field(64, ge=1)
@@ -118,6 +119,7 @@ class NightlyConfig(_Section):
 
     @model_validator(mode="after")
     def _prunable(self) -> NightlyConfig:
+        self.index_config()  # compression settings that contradict each other are refused here
         if self.prune.enabled:
             for source in self.sources:
                 self.ingest_config(source, None).prune_prefix()  # a manifest or file cannot be pruned
@@ -140,7 +142,8 @@ class NightlyConfig(_Section):
 
     def index_config(self) -> IndexConfig:
         s = self.sampling
-        comp = CompressionConfig(enabled=self.lpcomp, compression=self.compression, vst_ratio=self.vst_ratio)
+        comp = CompressionConfig(enabled=self.lpcomp, compression=self.compression, vst_ratio=self.vst_ratio,
+                                 lp_tokens=self.lp_tokens)
         return IndexConfig(sampling=SamplingConfig(fps=s.fps, max_frames=s.max_frames, seek_mode=s.seek_mode),
                            window=self.window, compression=comp, quant=self.quant)
 

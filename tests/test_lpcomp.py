@@ -71,6 +71,9 @@ def naive_reference(bb, prefix, frames, suffix, comp):
     p, s = len(prefix), len(suffix)
     frame_h = list(frames)  # each [n, D]
     kept = [torch.arange(bb.n0) for _ in frame_h]
+    if sched[0] < bb.n0:  # a budget (lp_tokens): the policy's tokens enter layer 0, chosen by position
+        sel = positional_pick(comp.policy, bb.n0, sched[0])
+        frame_h, kept = [h[sel] for h in frame_h], [k[sel] for k in kept]
     rec = {"keys": [], "values": [], "kept": [], "attn": []}
     for l, layer in enumerate(dec.layers):
         n = len(kept[0])
@@ -96,16 +99,21 @@ def naive_reference(bb, prefix, frames, suffix, comp):
         if l + 1 < len(dec.layers) and sched[l + 1] < n:
             m = sched[l + 1]
             for i in range(len(frame_h)):
-                if comp.policy == "suffix":
-                    sel = list(range(n - m, n))
-                elif comp.policy == "uniform":
-                    sel = [0] if m == 1 else [round(j * (n - 1) / (m - 1)) for j in range(m)]
-                else:  # keynorm: smallest key norms (RoPE is a rotation: norms are unchanged)
+                if comp.policy == "keynorm":  # smallest key norms (RoPE is a rotation: norms are unchanged)
                     norms = rec["keys"][-1][i].flatten(1).norm(dim=-1)
                     sel = sorted(norms.argsort()[:m].tolist())
+                else:
+                    sel = positional_pick(comp.policy, n, m)
                 frame_h[i], kept[i] = frame_h[i][sel], kept[i][sel]
     logits = bb.lm_head(dec.norm(suffix))
     return rec, logits
+
+
+def positional_pick(policy: str, n: int, m: int) -> list[int]:
+    """m of n tokens by position: the last ones (suffix) or evenly spread (uniform)."""
+    if policy == "suffix":
+        return list(range(n - m, n))
+    return [0] if m == 1 else [round(j * (n - 1) / (m - 1)) for j in range(m)]
 
 
 # ---------------------------------------------------------------- prefill_windows
@@ -127,12 +135,14 @@ def test_uncompressed_prefill_matches_hf_past_key_values(bb):
         assert kv.kept[l].tolist() == [list(range(bb.n0))] * 3
 
 
-@pytest.mark.parametrize("model,policy", [("tiny", "suffix"), ("tiny", "uniform"), ("tiny", "keynorm"),
-                                          ("llava", "suffix"), ("llava", "keynorm")])
+@pytest.mark.parametrize("model,policy,lp_tokens", [
+    ("tiny", "suffix", None), ("tiny", "uniform", None), ("tiny", "keynorm", None), ("llava", "suffix", None),
+    ("llava", "keynorm", None), ("tiny", "suffix", 1), ("tiny", "uniform", 6), ("llava", "suffix", 5)])
 @torch.no_grad()
-def test_compressed_prefill_matches_naive_reference(request, model, policy):
+def test_compressed_prefill_matches_naive_reference(request, model, policy, lp_tokens):
+    """lp_tokens: a budget, only that many tokens of a frame enter layer 0 (kept indices say which)."""
     bb = request.getfixturevalue(model)
-    comp = CompressionConfig(policy=policy)
+    comp = CompressionConfig(policy=policy, lp_tokens=lp_tokens)
     embs = frame_embs(bb, 3, seed=1)
     (kv,) = prefill_windows(bb, [embs], comp)
     ref, _ = naive_reference(bb, prefix_embs(bb), embs, embs[:0, 0], comp)
@@ -338,3 +348,33 @@ def test_forward_without_frames_is_plain_text(tiny):
     seq = torch.cat([prefix_embs(tiny), q])[None]
     ref = tiny.lm_head(tiny.decoder(inputs_embeds=seq).last_hidden_state)[:, -len(q) :]
     assert_close_scaled(out.logits, ref, msg="logits")
+
+
+@torch.no_grad()
+def test_a_budget_index_is_read_back_and_answered_from_its_objects():
+    """Objects written with lp_tokens say so through their schedule alone: the question
+    path recovers the budget (stored_compression), and the cached answer over the picked
+    frames equals answer_cached on their stored KV."""
+    import numpy as np
+
+    from model.ask import ask, stored_compression
+    from model.config import IndexConfig
+    from model.encoder import WindowEncoder
+    from model.generate import GenerateConfig, answer_cached
+    from model.qccomp import QuestionContext
+    from tests.test_qccomp import encode_video
+
+    enc = WindowEncoder("tiny", IndexConfig(window=4, compression=CompressionConfig(lp_tokens=1)))
+    readers = encode_video(enc, 10, seed=2)
+    assert readers[0].meta.schedule == [1] * enc.backbone.num_layers
+    assert stored_compression(enc.backbone, readers[0], None) == CompressionConfig(lp_tokens=1)
+    with pytest.raises(ValueError, match="schedule"):  # an index read as the plain LP-Comp one is refused
+        stored_compression(enc.backbone, readers[0], CompressionConfig())
+    gen = GenerateConfig(max_new_tokens=3)
+    ans = ask(enc.backbone, readers, "what colour is the star ?", k=3, score_mode="exact", generation=gen)
+    by_time = sorted(zip(ans.times, ans.window.tolist(), ans.frame.tolist()))
+    assert np.all(np.diff(ans.times) > 0)
+    keys = [torch.stack([readers[w].frame_kv(j)[0][l] for _, w, j in by_time]) for l in range(4)]
+    values = [torch.stack([readers[w].frame_kv(j)[1][l] for _, w, j in by_time]) for l in range(4)]
+    ctx = QuestionContext.build(enc.backbone, "what colour is the star ?")
+    assert ans.token_ids == answer_cached(enc.backbone, ctx, keys, values, gen).token_ids

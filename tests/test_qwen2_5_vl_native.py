@@ -288,9 +288,11 @@ def test_compressed_prefill_and_cached_answer_match_naive_reference(deep, policy
     assert_close_scaled(gen.logits[0], ref_logits, msg="cached answer logits")
 
 
-def test_keynorm_is_refused_for_m_rope(ck):
+def test_keynorm_and_a_budget_are_refused_for_m_rope(ck):
     with pytest.raises(ValueError, match="keep policy 'keynorm' chooses tokens per frame"):
         WindowEncoder(ck, IndexConfig(compression=CompressionConfig(policy="keynorm")))
+    with pytest.raises(ValueError, match="without an LP-Comp budget"):
+        WindowEncoder(ck, IndexConfig(compression=CompressionConfig(lp_tokens=4)))
     with pytest.raises(ValueError, match="cannot be re-positioned"):
         kept_tokens("keynorm", [4, 1])
 

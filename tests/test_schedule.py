@@ -34,6 +34,26 @@ def test_disabled_compression_keeps_every_token():
     assert CompressionConfig().tokens_per_layer(28, 16) == PAPER_L28
 
 
+def test_a_budget_starts_the_schedule_at_lp_tokens():
+    """lp_tokens: the cosine schedule over the tokens let in; at 1, one token a layer
+    (the bytes of VST at r = n0); at or above n0, the plain schedule (and its fingerprint)."""
+    from model.config import IndexConfig, fingerprint
+
+    assert CompressionConfig(lp_tokens=1).tokens_per_layer(4, 16) == [1, 1, 1, 1]
+    assert CompressionConfig(lp_tokens=8).tokens_per_layer(4, 16) == lp_schedule(4, 8)
+    assert CompressionConfig(lp_tokens=64).tokens_per_layer(4, 16) == lp_schedule(4, 16)
+
+    def fp(comp):
+        return fingerprint("m", "r", "float32", 4, 16, IndexConfig(compression=comp))
+
+    assert fp(CompressionConfig(lp_tokens=16)) == fp(CompressionConfig())
+    assert fp(CompressionConfig(lp_tokens=1)) != fp(CompressionConfig())
+    for bad, why in ((dict(lp_tokens=0), ">= 1"), (dict(lp_tokens=2, enabled=False), "enabled"),
+                     (dict(lp_tokens=2, compression="vst"), "lpcomp"), (dict(lp_tokens=2, policy="keynorm"), "suffix")):
+        with pytest.raises(ValueError, match=why):
+            CompressionConfig(**bad)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="num_layers"):
         lp_schedule(0, 16)
