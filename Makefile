@@ -29,11 +29,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m jobs.demo
 
+# two pytest workers, a test file each at a time (module fixtures stay in one process):
+# most of the suite waits on processes, Ray and moto, so two files share the 2 cores
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -ra -m 'not slow'
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile -m 'not slow'
 
 bench: setup
 	$(PY) -m bench.decode
