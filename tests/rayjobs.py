@@ -35,13 +35,14 @@ def free_port() -> int:
 def ray_head():
     """`ray start --head` on loopback, token auth on with a token of its own; yields the
     job server's address and the environment to submit with."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="fkv", dir="/tmp")  # short: Ray puts sockets in it
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--dashboard-agent-listen-port={agent}",  # not Ray's fixed 52365: a second head may run beside it
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

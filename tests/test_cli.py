@@ -52,6 +52,10 @@ def test_ingest_flags_reach_the_index_config():
     off = ingest_config(parser.parse_args(["src", "--index", "idx", "--no-lpcomp", "--quant", "int8"])).index_cfg
     assert default.compression.enabled and default.quant == "none"
     assert not off.compression.enabled and off.quant == "int8"
+    vst = ingest_config(parser.parse_args(["src", "--index", "idx", "--compression", "vst", "--vst-ratio", "4"]))
+    budget = ingest_config(parser.parse_args(["src", "--index", "idx", "--lp-tokens", "2"]))
+    assert (vst.index_cfg.compression.compression, vst.index_cfg.compression.vst_ratio) == ("vst", 4)
+    assert budget.index_cfg.compression.lp_tokens == 2 and default.compression.lp_tokens is None
 
 
 def test_missing_index_and_source_name_the_input(tmp_path, capsys):

@@ -18,6 +18,7 @@ tags included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -246,16 +247,19 @@ def test_a_killed_night_is_resumed_by_the_next(tmp_path, capsys, local_ray):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    job = subprocess.Popen([sys.executable, "-m", "jobs.nightly", str(path), "--no-progress"], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed-night.log"
+    with log.open("wb") as out:
+        job = subprocess.Popen([sys.executable, "-m", "jobs.nightly", str(path), "--no-progress"], env=env,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not _windows_recorded(index):
-            assert job.poll() is None, "the nightly ended before a window was recorded"
+            assert job.poll() is None, f"the nightly ended before a window was recorded:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no window recorded in 300 s"
             time.sleep(0.5)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
+        with contextlib.suppress(ProcessLookupError):  # ended by itself: the assertion above says why
+            os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started
         job.wait()
     written = _windows_recorded(index)
     time.sleep(3.5)  # the killed run's lease expires
@@ -286,4 +290,8 @@ def test_a_bad_config_names_the_file_and_key(tmp_path, capsys):
                                     "prune": {"enabled": True}}))
     assert cli(["nightly", str(path)]) == EXIT_USAGE
     assert "prune needs a whole folder" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"sources": [str(tmp_path)], "index": str(tmp_path / "i"), "lpcomp": False,
+                                    "lp_tokens": 2}))  # settings that contradict each other: refused up front
+    assert cli(["nightly", str(path)]) == EXIT_USAGE
+    assert "lp_tokens is LP-Comp's budget" in capsys.readouterr().err
     assert not (tmp_path / "i").exists()
