@@ -3,7 +3,9 @@ a local Ray per test module that asks for one (`local_ray`), one `ray start --he
 tests that submit Ray jobs (`ray_job_head`, run last).
 
 The machine is shared, so torch gets one thread. Videos are generated once per
-session into pytest's temp directory (never into the repository).
+session into pytest's temp directory (never into the repository). `make test` runs two
+pytest-xdist workers, each a session of its own (a test file at a time): session
+fixtures (moto, the Ray job head) come up in each worker that uses them, on free ports.
 """
 
 from __future__ import annotations
