@@ -66,6 +66,14 @@ def dir_revision(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def frame_units(values, unit: int) -> np.ndarray:
+    """Per decoded frame values [F] -> per frame unit [ceil(F / unit), unit], the last
+    frame repeated to fill the last unit (as the Qwen processors fill a tubelet)."""
+    values = np.asarray(values)
+    pad = -len(values) % unit
+    return np.concatenate([values, np.repeat(values[-1:], pad)]).reshape(-1, unit)
+
+
 class Backbone(nn.Module):
     """What the rest of framekv needs from a VLM (docs/ARCHITECTURE.md)."""
 

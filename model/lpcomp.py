@@ -101,6 +101,26 @@ def _gather_frames(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(2, idx.reshape(*idx.shape, *(1,) * len(extra)).expand(*idx.shape, *extra))
 
 
+def template_prefix(backbone, frames: Tensor) -> Tensor:
+    """The backbone's template prefix embedded [B, P, D], for frames [B, ...], in their dtype."""
+    ids = backbone.prefix_ids().to(frames.device)
+    return backbone.decoder.embed_tokens(ids)[None].expand(frames.shape[0], -1, -1).to(frames.dtype)
+
+
+def pad_windows(frame_embs: list[Tensor], caller: str) -> tuple[Tensor, Tensor, list[int]]:
+    """Windows' frame embeddings [F_i, n0, D], checked, padded into one batch: (frames
+    [B, F_max, n0, D], frame_valid [B, F_max], counts F_i)."""
+    if not frame_embs:
+        raise ValueError(f"{caller} needs at least one window")
+    for i, e in enumerate(frame_embs):
+        if e.dim() != 3 or e.shape[0] < 1:
+            raise ValueError(f"window {i}: frame embeddings must be [F>=1, n0, D], got {tuple(e.shape)}")
+    counts = [e.shape[0] for e in frame_embs]
+    frames = torch.nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
+    frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(counts, device=frames.device)[:, None]
+    return frames, frame_valid, counts
+
+
 def forward_inputs(backbone, frames: Tensor, prefix: Tensor | None, suffix: Tensor | None,
                    frame_valid: Tensor | None, suffix_valid: Tensor | None, prob_rows: Tensor | None,
                    prob_layers: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -112,7 +132,7 @@ def forward_inputs(backbone, frames: Tensor, prefix: Tensor | None, suffix: Tens
     b, f = frames.shape[:2]
     dev = frames.device
     if prefix is None:
-        prefix = dec.embed_tokens(backbone.prefix_ids().to(dev))[None].expand(b, -1, -1).to(frames.dtype)
+        prefix = template_prefix(backbone, frames)
     if suffix is None:
         suffix = frames.new_zeros(b, 0, dec.config.hidden_size)
     s = suffix.shape[1]
@@ -266,14 +286,7 @@ def prefill_windows(backbone, frame_embs: list[Tensor], comp: CompressionConfig,
         from model.vst import vst_prefill_windows  # model.vst imports WindowKV from here
 
         return vst_prefill_windows(backbone, frame_embs, comp.vst_ratio)
-    if not frame_embs:
-        raise ValueError("prefill_windows needs at least one window")
-    for i, e in enumerate(frame_embs):
-        if e.dim() != 3 or e.shape[0] < 1:
-            raise ValueError(f"window {i}: frame embeddings must be [F>=1, n0, D], got {tuple(e.shape)}")
-    counts = [e.shape[0] for e in frame_embs]
-    frames = torch.nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
-    frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(counts, device=frames.device)[:, None]
+    frames, frame_valid, counts = pad_windows(frame_embs, "prefill_windows")
     frame_times = None
     if times is not None:
         frame_times = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(t, dtype=torch.float64) for t in times],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from model.lpcomp import select_tokens
+from model.lpcomp import survivors
 
 POSITIONAL_POLICIES = ("suffix", "uniform")
 
@@ -32,14 +32,11 @@ def kept_tokens(policy: str, schedule: list[int], text: tuple[int, int] = (0, 0)
     if policy not in POSITIONAL_POLICIES and any(n < schedule[0] for n in schedule):
         raise ValueError(f"keep policy {policy!r} chooses tokens per frame, so cached frames of an M-RoPE model "
                          f"cannot be re-positioned; use one of {POSITIONAL_POLICIES}")
-    lead, tail = text
     kept = [torch.arange(schedule[0])]
     for n in schedule[1:]:
         cur = kept[-1]
         if n < len(cur):
-            vis = cur[lead : len(cur) - tail]
-            vis = vis[select_tokens(policy, n - lead - tail, torch.zeros(1, 1, len(vis), 1, 1))[0, 0]]
-            cur = torch.cat([cur[:lead], vis, cur[len(cur) - tail :]])
+            cur = cur[survivors(policy, n, torch.zeros(1, 1, len(cur), 1, 1), text)[0, 0]]
         kept.append(cur)
     return kept
 

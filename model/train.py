@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.backbone import frame_units
 from model.config import VST_RATIOS, CompressionConfig, IndexConfig
 from model.lpcomp import lp_forward
 from model.synth import COLOURS, SHAPES, WHEN, SynthVideo, event_when, make_question, make_video
@@ -269,9 +270,7 @@ def answer_ids(backbone, answer: str) -> list[int]:
 
 def unit_labels(labels: np.ndarray, unit: int, reduce) -> np.ndarray:
     """Per-frame labels [F] -> per frame unit [ceil(F / unit)]: `reduce` over each unit's frames."""
-    pad = -len(labels) % unit  # the last frame repeated, as the family fills its last tubelet
-    full = np.concatenate([labels, np.repeat(labels[-1:], pad)])
-    return reduce(full.reshape(-1, unit), axis=1)
+    return reduce(frame_units(labels, unit), axis=1)
 
 
 def word_rows(backbone, question: str, focus: tuple[int, ...], q_mask: Tensor) -> list[int]:

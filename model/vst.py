@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from model.config import VST_RATIOS
 from model.decoder import LayerKV, extend, layer_step, positions_for, rotate
-from model.lpcomp import LPOutput, WindowKV, forward_inputs
+from model.lpcomp import LPOutput, WindowKV, forward_inputs, pad_windows, template_prefix
 
 
 class VSTParams(nn.Module):
@@ -149,7 +149,7 @@ def vst_prefill(backbone, frames: Tensor, ratio: int, frame_valid: Tensor | None
     lay = interval_layout(n0, ratio)
     m, k = lay.slots, lay.kept
     if prefix is None:
-        prefix = dec.embed_tokens(backbone.prefix_ids().to(dev))[None].expand(b, -1, -1).to(frames.dtype)
+        prefix = template_prefix(backbone, frames)
     p = prefix.shape[1]
     valid = torch.ones(b, f, dtype=torch.bool, device=dev) if frame_valid is None else frame_valid.to(dev)
 
@@ -211,15 +211,7 @@ def vst_prefill_windows(backbone, frame_embs: list[Tensor], ratio: int) -> list[
     values[l] [F_i, n0 / r, kvh, hd] in every layer, kept[l] [F_i, n0 / r] the last raw
     token each summary has seen (r - 1, 2r - 1, ..; every index for r = 1).
     """
-    if not frame_embs:
-        raise ValueError("vst_prefill_windows needs at least one window")
-    for i, e in enumerate(frame_embs):
-        if e.dim() != 3 or e.shape[0] < 1:
-            raise ValueError(f"window {i}: frame embeddings must be [F>=1, n0, D], got {tuple(e.shape)}")
-    counts = [e.shape[0] for e in frame_embs]
-    frames = nn.utils.rnn.pad_sequence(frame_embs, batch_first=True)
-    frame_valid = torch.arange(frames.shape[1], device=frames.device)[None] < torch.tensor(
-        counts, device=frames.device)[:, None]
+    frames, frame_valid, counts = pad_windows(frame_embs, "vst_prefill_windows")
     keys, values, covers = vst_prefill(backbone, frames, ratio, frame_valid)
     return [
         WindowKV(keys=[k[i, :c] for k in keys], values=[v[i, :c] for v in values],

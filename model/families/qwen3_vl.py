@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.backbone import VLMBackbone, remote_code_refused, use_processor_template
+from model.backbone import VLMBackbone, frame_units, remote_code_refused, use_processor_template
 from model.families.qwen2_5_vl import TubeletPreprocess, check_tubelet_model, video_processor_config, video_template
 
 FRAME_SIDE = 448  # frames are decoded square, at smart_resize(448, 448) for one tubelet under the pixel limits
@@ -99,10 +99,7 @@ class Qwen3VLBackbone(VLMBackbone):
     def unit_times(self, times) -> np.ndarray:
         """Decoded frame times [F] -> each tubelet's timestamp [ceil(F / 2)]: the mean of its
         two frames' (an odd last frame repeated), as the processor's `_calculate_timestamps`."""
-        t = np.asarray(times, dtype=np.float64)
-        if pad := -len(t) % self.frame_unit:
-            t = np.concatenate([t, np.repeat(t[-1:], pad)])
-        t = t.reshape(-1, self.frame_unit)
+        t = frame_units(np.asarray(times, dtype=np.float64), self.frame_unit)
         return (t[:, 0] + t[:, -1]) / 2
 
     def unit_ids(self, seconds: float) -> Tensor:
