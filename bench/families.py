@@ -45,6 +45,8 @@ SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, ima
 QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                         spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
                         fullatt_block_indexes=[7, 15, 23, 31])
+QWEN25_VL_TEXT = dict(max_position_embeddings=128000,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
 QWEN25_VL_PROCESSOR = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2)
 QWEN3_VL_TEXT = dict(num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      vocab_size=151936, max_position_embeddings=262144,
@@ -57,6 +59,8 @@ QWEN3_VL_VISION_8B = QWEN3_VL_VISION_4B | dict(depth=27, hidden_size=1152, inter
                                                deepstack_visual_indexes=[8, 16, 24])
 QWEN3_VL_PROCESSOR = dict(shortest_edge=128 * 32 * 32, longest_edge=32 * 32 * 768, patch_size=16,
                           temporal_patch_size=2, merge_size=2)
+QWEN_VL_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                      vision_end_token_id=151653)  # the Qwen2.5-VL and Qwen3-VL vocabularies' ids
 QWEN3_TIMESTAMP_LEAD = 11  # `<99999.9 seconds><|vision_start|>` in Qwen3's tokenizer (--qwen3-tokenizer checks)
 
 # (name, family, config.json as published)
@@ -68,27 +72,23 @@ CONFIGS = (
         text_config=QWEN2_7B, vision_config=SIGLIP_SO400M_384, image_token_index=151646, video_token_index=151647,
         vision_feature_layer=-1, vision_feature_select_strategy="full")),
     ("Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", dict(
-        text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [16, 24, 24]}),
+        text_config=QWEN25_VL_TEXT | dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                          num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
         vision_config=QWEN25_VL_VISION | {"out_hidden_size": 2048},
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)),
+        **QWEN_VL_TOKENS)),
     ("Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", dict(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                          "mrope_section": [16, 24, 24]}),
+        text_config=QWEN25_VL_TEXT | dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
         vision_config=QWEN25_VL_VISION | {"out_hidden_size": 3584},
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)),
+        **QWEN_VL_TOKENS)),
     ("Qwen3-VL-4B-Instruct", "qwen3_vl", dict(
         text_config=QWEN3_VL_TEXT | dict(hidden_size=2560, intermediate_size=9728),
         vision_config=QWEN3_VL_VISION_4B | {"out_hidden_size": 2560}, tie_word_embeddings=True,
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)),
+        **QWEN_VL_TOKENS)),
     ("Qwen3-VL-8B-Instruct", "qwen3_vl", dict(
         text_config=QWEN3_VL_TEXT | dict(hidden_size=4096, intermediate_size=12288),
         vision_config=QWEN3_VL_VISION_8B | {"out_hidden_size": 4096}, tie_word_embeddings=False,
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)),
+        **QWEN_VL_TOKENS)),
 )
 DTYPE_BYTES = {torch.bfloat16: 2}
 
@@ -133,7 +133,7 @@ def qwen3_timestamp_lead(tokenizer_json: str | None) -> int:
     return len(tok(f"<{MAX_SECONDS:.1f} seconds><|vision_start|>", add_special_tokens=False)["input_ids"])
 
 
-def layout(name: str, family: str, config: dict, qwen3_tokenizer: str | None = None) -> Layout:
+def layout(name: str, family: str, config: dict, qwen3_lead: int = QWEN3_TIMESTAMP_LEAD) -> Layout:
     """The cache layout of a checkpoint config, read through transformers' config class,
     n0 by the family's own rule."""
     text_slots, deepstack = (0, 0), 0
@@ -166,7 +166,7 @@ def layout(name: str, family: str, config: dict, qwen3_tokenizer: str | None = N
         unit, factor = vc.temporal_patch_size, p["patch_size"] * p["merge_size"]
         h, w = smart_resize(unit, FRAME_SIDE, FRAME_SIDE, temporal_factor=unit, factor=factor,
                             min_pixels=p["shortest_edge"], max_pixels=p["longest_edge"])
-        text_slots = (qwen3_timestamp_lead(qwen3_tokenizer), 1)  # timestamp + vision_start, vision_end
+        text_slots = (qwen3_lead, 1)  # timestamp + vision_start (qwen3_timestamp_lead), vision_end
         n0, deepstack = sum(text_slots) + (h // factor) * (w // factor), len(vc.deepstack_visual_indexes)
     else:
         raise ValueError(f"{name}: no layout rule for family {family!r}")
@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | unit | n0 | layers x KV heads x head dim | storage | LP-Comp | token-layers kept "
           "| frame KV | score keys | emb | scales | expected | written object | per decoded frame |")
     print("| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lead = qwen3_timestamp_lead(args.qwen3_tokenizer)
     for name, family, config in CONFIGS:
-        s = layout(name, family, config, args.qwen3_tokenizer)
+        s = layout(name, family, config, lead)
         for quant in ("none", "int8"):
             for lpcomp in (True, False):
                 parts = expected_bytes(s, lpcomp, quant, f)
@@ -232,7 +233,6 @@ def main(argv: list[str] | None = None) -> None:
                       f"| {kept:.0%} | " + " | ".join(f"{v / 1e6:.3f}" for v in parts.values())
                       + f" | {sum(parts.values()) / 1e6:.3f} | {written / 1e6:.3f} "
                       f"| {written / s.frame_unit / 1e6:.3f} |")
-    lead = qwen3_timestamp_lead(args.qwen3_tokenizer)
     print(f"\nQwen3-VL lead slots: {lead} ({args.qwen3_tokenizer or 'QWEN3_TIMESTAMP_LEAD'})")
     tok = f" --qwen3-tokenizer {args.qwen3_tokenizer}" if args.qwen3_tokenizer else ""
     print(f"command: python -m bench.families --frames {f} --threads {args.threads}{tok}")

@@ -39,6 +39,25 @@ SIZE = 56
 TOKENS_PER_SECOND = 2
 
 
+def vision_token_ids(vocab: dict[str, int]) -> dict[str, int]:
+    """The config's image / video / vision start and end ids in a Qwen vocabulary."""
+    return {"image_token_id": vocab["<|image_pad|>"], "video_token_id": vocab["<|video_pad|>"],
+            "vision_start_token_id": vocab["<|vision_start|>"], "vision_end_token_id": vocab["<|vision_end|>"]}
+
+
+def save_checkpoint(path: Path, model, tokenizer, vocab: dict[str, int], processor: dict) -> Path:
+    """What a Qwen-VL checkpoint directory holds: weights and config, generation config
+    (end tokens <|im_end|> and <|endoftext|>), tokenizer, the processor's chat template
+    and video processor config."""
+    model.generation_config = GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]],
+                                               pad_token_id=vocab["<|endoftext|>"])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(processor))
+    return path
+
+
 def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, layers: int = 2, size: int = SIZE) -> Path:
     """Write the checkpoint to `path` and return it: `layers` decoder layers, size x size
     frames (a multiple of 28: (size / 28)^2 tokens per tubelet)."""
@@ -52,21 +71,12 @@ def save_tiny_qwen2_5_vl(path: Path, seed: int = 0, layers: int = 2, size: int =
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
+        **vision_token_ids(vocab),
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]],
-                                               pad_token_id=vocab["<|endoftext|>"])
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     processor = {"video_processor_type": "Qwen2VLVideoProcessor", "size": {"shortest_edge": size * size,
                  "longest_edge": size * size}, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
                  "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
                  "do_normalize": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD, "do_convert_rgb": True}
-    (path / "video_preprocessor_config.json").write_text(json.dumps(processor))
-    return path
+    return save_checkpoint(path, model, tokenizer, vocab, processor)

@@ -14,14 +14,13 @@ make size x size frames for one tubelet (64 px: a 2 x 2 merged grid, 4 video tok
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from tests.llava_tiny import word_tokenizer
-from tests.qwen2_5_vl_tiny import CHAT_TEMPLATE, SPECIAL, WORDS
+from tests.qwen2_5_vl_tiny import SPECIAL, WORDS, save_checkpoint, vision_token_ids
 
 TIME_WORDS = ["<", ">", "seconds", *"0123456789"]
 IMAGE_MEAN, IMAGE_STD = [0.45, 0.52, 0.47], [0.23, 0.29, 0.25]
@@ -43,10 +42,7 @@ def save_tiny_qwen3_vl(path: Path, seed: int = 0, layers: int = 2, size: int = S
                          bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                           "mrope_interleaved": True}),
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
+        **vision_token_ids(vocab),
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
@@ -54,15 +50,9 @@ def save_tiny_qwen3_vl(path: Path, seed: int = 0, layers: int = 2, size: int = S
         for merger in model.model.visual.deepstack_merger_list:
             for p in merger.parameters():
                 p.normal_(0, 0.2)
-    model.generation_config = GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]],
-                                               pad_token_id=vocab["<|endoftext|>"])
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     processor = {"video_processor_type": "Qwen3VLVideoProcessor", "size": {"shortest_edge": size * size,
                  "longest_edge": 2 * size * size}, "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
                  "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
                  "do_normalize": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD, "do_convert_rgb": True,
                  "fps": 2}
-    (path / "video_preprocessor_config.json").write_text(json.dumps(processor))
-    return path
+    return save_checkpoint(path, model, tokenizer, vocab, processor)
